@@ -1,0 +1,99 @@
+"""Orbax checkpoints of the train state together with the Grain iterator that feeds it.
+
+A checkpoint holds three items written atomically by Orbax: the train state, the Grain iterator
+state (so a resumed run continues the same data order) and the topology the iterator state was
+written under. Grain cannot restore an iterator state into another number of processes or Grain
+workers; since the data order is a pure function of the step (see input_pipeline), a run resumed
+on another topology starts its iterator at the restored step instead, which yields the same batches.
+"""
+
+from collections.abc import Callable
+import dataclasses
+from typing import Any
+
+from absl import logging
+from etils import epath
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+_STATE, _DATA, _TOPOLOGY = "state", "data_iter", "topology"
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+  """What a saved Grain iterator state depends on."""
+
+  process_count: int
+  worker_count: int
+
+
+class Checkpointer:
+  """Saves every `every_steps` steps (and when forced), keeps the newest `max_to_keep`."""
+
+  def __init__(self, directory: epath.PathLike, every_steps: int, max_to_keep: int, topology: Topology):
+    policies = ocp.checkpoint_managers
+    options = ocp.CheckpointManagerOptions(
+        save_decision_policy=policies.AnySavePolicy(
+            [policies.FixedIntervalPolicy(every_steps), policies.PreemptionCheckpointingPolicy()]),
+        preservation_policy=policies.LatestN(max_to_keep),
+        enable_async_checkpointing=True,
+    )
+    self.directory = epath.Path(directory)
+    self._topology = topology
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(_STATE, _DATA, _TOPOLOGY))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def reached_preemption(self, step: int) -> bool:
+    """True on every host once any host got a preemption notice; call it from every host every step."""
+    return self._manager.reached_preemption(step)
+
+  def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator, *, force: bool = False) -> bool:
+    """Starts an asynchronous save if the policy (or `force`) asks for one; returns whether it did."""
+    if not force and not self._manager.should_save(step):
+      return False
+    return self._manager.save(step, force=force, args=ocp.args.Composite(**{
+        _STATE: ocp.args.StandardSave(state),
+        _DATA: grain.checkpoint.CheckpointSave(data_iterator),
+        _TOPOLOGY: ocp.args.JsonSave(dataclasses.asdict(self._topology)),
+    }))
+
+  def restore(self, step: int, abstract_state: Any,
+              make_data_iterator: Callable[[int], grain.DatasetIterator]) -> tuple[Any, grain.DatasetIterator]:
+    """Restores the state at `step` onto the shardings in `abstract_state`, and its data iterator.
+
+    `make_data_iterator(start_step)` builds the training iterator positioned at `start_step`.
+    """
+    saved = self._manager.restore(step, args=ocp.args.Composite(**{_TOPOLOGY: ocp.args.JsonRestore()}))
+    saved_topology = Topology(**saved[_TOPOLOGY])
+    try:
+      state = self._manager.restore(step, args=ocp.args.Composite(
+          **{_STATE: ocp.args.StandardRestore(abstract_state)}))[_STATE]
+    except (ValueError, KeyError, TypeError) as error:
+      raise ValueError(
+          f"{self.directory / str(step)}: this checkpoint does not fit the model and optimizer of the current "
+          f"config ({error}). Resume with the config it was trained with (see config.json in the workdir) "
+          f"or use a new --workdir.") from error
+    if saved_topology == self._topology:
+      data_iterator = make_data_iterator(0)
+      self._manager.restore(step, args=ocp.args.Composite(**{_DATA: grain.checkpoint.CheckpointRestore(data_iterator)}))
+    else:
+      logging.info("Checkpoint %d was written by %s, this run is %s: positioning the data iterator at step %d "
+                   "(same data order).", step, saved_topology, self._topology, step)
+      data_iterator = make_data_iterator(step)
+    return state, data_iterator
+
+  def wait_until_finished(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for pending saves and surfaces their errors."""
+    self._manager.close()
+
+
+def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs that tell Orbax where each restored array goes."""
+  return jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+                      abstract_state, shardings)

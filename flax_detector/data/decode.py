@@ -1,0 +1,59 @@
+"""Image bytes to RGB uint8 arrays, for every mode Pillow opens, with EXIF orientation applied."""
+
+import io
+
+from etils import epath
+import numpy as np
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"})
+
+
+class UnreadableImageError(ValueError):
+  """An image file that Pillow cannot decode; the message names the file."""
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+  """Converts any Pillow mode to RGB the way a viewer shows it.
+
+  Transparent pixels are composited on white (a transparent PNG drawing is shown on a white page),
+  and 16/32-bit grayscale is rescaled instead of clipped, which a plain `convert("RGB")` gets wrong.
+  """
+  if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16"):
+      scaled = values / 257.0
+    else:
+      low, high = float(values.min()), float(values.max())
+      scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+    image = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
+  if image.mode == "P":
+    image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+  if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+  return image.convert("RGB")
+
+
+def decode_image(data: bytes, name: str) -> np.ndarray:
+  """Decodes encoded image bytes to uint8[H, W, 3]; the first frame of an animation.
+
+  Raises UnreadableImageError naming `name` when the bytes are not a readable image.
+  """
+  try:
+    with Image.open(io.BytesIO(data)) as image:
+      image.seek(0)
+      oriented = ImageOps.exif_transpose(image)
+      return np.asarray(_to_rgb(oriented), dtype=np.uint8)
+  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+    raise UnreadableImageError(f"{name}: not a readable image ({error}); fix or remove the file") from error
+
+
+def read_image(path: str) -> np.ndarray:
+  """Reads and decodes an image file (local path or any etils.epath URL such as gs://)."""
+  try:
+    data = epath.Path(path).read_bytes()
+  except OSError as error:
+    raise UnreadableImageError(f"{path}: cannot be read ({error})") from error
+  return decode_image(data, path)

@@ -1,0 +1,65 @@
+"""What every image source offers the input pipeline: random access to (image, label) records.
+
+Sources are Grain random-access data sources (`__len__`, `__getitem__`), picklable so Grain worker
+processes can decode in parallel. `labels` is known without decoding, for class counts and weights;
+`keys` name records stably (relative paths), for the validation split and error messages.
+"""
+
+import hashlib
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+
+
+class ImageSource(Protocol):
+  """A random-access set of labelled images."""
+
+  labels: np.ndarray  # int32[n], the class index of every record
+  keys: Sequence[str]  # a stable name of every record
+
+  def __len__(self) -> int:
+    ...
+
+  def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+    """Returns (uint8[H, W, 3] image, label) of record `index`."""
+    ...
+
+
+class SubsetSource:
+  """The records `indices` of another source, e.g. the validation share of train/."""
+
+  def __init__(self, source: ImageSource, indices: np.ndarray):
+    self._source = source
+    self._indices = np.asarray(indices, np.int64)
+    self.labels = np.asarray(source.labels)[self._indices]
+    self.keys = [source.keys[i] for i in self._indices]
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+    return self._source[int(self._indices[index])]
+
+
+def _stable_fraction(key: str) -> float:
+  """Maps a record key to [0, 1) independently of seed, file order and the other files present."""
+  digest = hashlib.sha256(key.encode("utf-8")).digest()
+  return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def split_off_validation(source: ImageSource, fraction: float) -> tuple[SubsetSource, SubsetSource]:
+  """Carves (train, validation) out of `source` by a hash of each key.
+
+  Hashing the key, not shuffling, keeps a file in the same split when files are added or removed,
+  so validation never leaks into training across runs on a growing folder.
+  """
+  if not 0.0 <= fraction < 1.0:
+    raise ValueError(f"data.val_fraction={fraction}: must be in [0, 1)")
+  in_validation = np.array([_stable_fraction(key) < fraction for key in source.keys], dtype=bool)
+  indices = np.arange(len(source))
+  return SubsetSource(source, indices[~in_validation]), SubsetSource(source, indices[in_validation])
+
+
+def class_counts(source: ImageSource, num_classes: int) -> np.ndarray:
+  return np.bincount(np.asarray(source.labels, np.int64), minlength=num_classes)

@@ -1,0 +1,155 @@
+"""Grain pipelines: which records form each global batch, and how each process loads its share.
+
+The order is defined on global record positions, never on processes or workers: global training
+batch k holds the shuffled positions [k*B, (k+1)*B) of the repeated training split, and process p
+of P loads the p-th contiguous 1/P of it. So a seed and a global batch size fix every batch on any
+number of hosts, devices and Grain workers. Each example's augmentation draws from
+numpy's Generator seeded with (seed, record, epoch).
+
+Batches are dicts {"image": uint8[b, S, S, 3], "label": int32[b], "mask": bool[b]} of the
+process-local share b = B / P. Evaluation pads the split to whole global batches with masked
+examples, so every process runs the same number of steps and every example counts exactly once.
+"""
+
+import dataclasses
+import math
+
+from absl import logging
+import grain
+import ml_collections
+import numpy as np
+
+from flax_detector import preprocess
+from flax_detector.data.folder import ImageFolderSource
+from flax_detector.data.sources import ImageSource, class_counts, split_off_validation
+from flax_detector.data.synthetic import SyntheticSource
+
+
+@dataclasses.dataclass(frozen=True)
+class Splits:
+  """The training split, the validation share carved from it, and the held-out test split."""
+
+  train: ImageSource
+  validation: ImageSource
+  test: ImageSource
+
+
+def load_splits(config: ml_collections.ConfigDict) -> Splits:
+  """Indexes data.dir (or builds the synthetic set) and carves the validation split from train/."""
+  data = config.data
+  if data.dir:
+    full_train = ImageFolderSource(data.dir, "train", data.class_names)
+    test = ImageFolderSource(data.dir, "test", data.class_names)
+  else:
+    if len(data.class_names) != 2:
+      raise ValueError(f"data.class_names={data.class_names}: the synthetic set has exactly 2 classes")
+    full_train = SyntheticSource("train", data.synthetic_train_size, data.synthetic_min_side, data.synthetic_max_side)
+    test = SyntheticSource("test", data.synthetic_test_size, data.synthetic_min_side, data.synthetic_max_side)
+  train, validation = split_off_validation(full_train, data.val_fraction)
+  num_classes = len(data.class_names)
+  for name, split in (("train", train), ("validation", validation), ("test", test)):
+    counts = class_counts(split, num_classes)
+    logging.info("%s split: %d images, %s", name, len(split),
+                 ", ".join(f"{cls}={count}" for cls, count in zip(data.class_names, counts)))
+  return Splits(train=train, validation=validation, test=test)
+
+
+def num_train_steps(num_records: int, config: ml_collections.ConfigDict) -> int:
+  """Steps the schedule spans: whole global batches in num_epochs passes over the training split."""
+  steps = (config.num_epochs * num_records) // config.batch_size
+  if steps < 1:
+    raise ValueError(f"batch_size={config.batch_size} exceeds the {config.num_epochs} epoch(s) of "
+                     f"{num_records} training images: lower batch_size or raise num_epochs")
+  return steps
+
+
+def _local_batch_size(global_batch_size: int, process_count: int, setting: str) -> int:
+  if global_batch_size % process_count:
+    raise ValueError(f"{setting}={global_batch_size} must be divisible by the {process_count} processes")
+  return global_batch_size // process_count
+
+
+class _RecordAndEpoch(grain.transforms.MapWithIndex):
+  """Global position -> (record index, epoch), from the shuffled, repeated record indices."""
+
+  def __init__(self, num_records: int):
+    self._num_records = num_records
+
+  def map_with_index(self, index: int, record: int) -> tuple[int, int]:
+    return record, index // self._num_records
+
+
+class _LoadTrainBatch(grain.transforms.Map):
+  """Reads, decodes and augments one process-local training batch, inside a Grain worker."""
+
+  def __init__(self, source: ImageSource, seed: int, image_size: int, mode: str,
+               options: preprocess.AugmentOptions):
+    self._source, self._seed, self._image_size, self._mode, self._options = source, seed, image_size, mode, options
+
+  def map(self, positions: tuple[np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
+    images, labels = [], []
+    for record, epoch in zip(*positions):
+      image, label = self._source[int(record)]
+      rng = np.random.default_rng((self._seed, int(record), int(epoch)))
+      images.append(preprocess.train_transform(image, self._image_size, self._mode, self._options, rng))
+      labels.append(label)
+    return {"image": np.stack(images), "label": np.asarray(labels, np.int32),
+            "mask": np.ones(len(labels), bool)}
+
+
+class _LoadEvalBatch(grain.transforms.Map):
+  """Decodes one process-local eval batch; positions past the split are masked padding."""
+
+  def __init__(self, source: ImageSource, image_size: int, mode: str):
+    self._source, self._image_size, self._mode = source, image_size, mode
+
+  def map(self, positions: np.ndarray) -> dict[str, np.ndarray]:
+    images, labels = [], []
+    mask = positions < len(self._source)
+    for position, real in zip(positions, mask):
+      if real:
+        image, label = self._source[int(position)]
+        images.append(preprocess.eval_transform(image, self._image_size, self._mode))
+      else:
+        images.append(np.zeros((self._image_size, self._image_size, 3), np.uint8))
+        label = 0
+      labels.append(label)
+    return {"image": np.stack(images), "label": np.asarray(labels, np.int32), "mask": mask}
+
+
+def train_dataset(source: ImageSource, config: ml_collections.ConfigDict, process_index: int,
+                  process_count: int) -> grain.MapDataset:
+  """This process's training batches, one element per step, for the whole run."""
+  num_records = len(source)
+  local_batch = _local_batch_size(config.batch_size, process_count, "batch_size")
+  steps = num_train_steps(num_records, config)
+  positions = (grain.MapDataset.range(num_records).shuffle(seed=config.seed).repeat(config.num_epochs)
+               .map_with_index(_RecordAndEpoch(num_records)).batch(local_batch, drop_remainder=True))
+  local = positions[: steps * process_count][process_index::process_count]
+  loader = _LoadTrainBatch(source, config.seed, config.image_size, config.data.preprocess,
+                           preprocess.AugmentOptions.from_config(config.data))
+  return local.map(loader)
+
+
+def num_eval_steps(num_records: int, eval_batch_size: int) -> int:
+  return max(1, math.ceil(num_records / eval_batch_size))
+
+
+def eval_dataset(source: ImageSource, config: ml_collections.ConfigDict, process_index: int,
+                 process_count: int) -> grain.MapDataset:
+  """This process's eval batches: the split in order, padded to whole global batches and masked."""
+  local_batch = _local_batch_size(config.eval_batch_size, process_count, "eval_batch_size")
+  steps = num_eval_steps(len(source), config.eval_batch_size)
+  positions = grain.MapDataset.range(steps * config.eval_batch_size).batch(local_batch)
+  return positions[process_index::process_count].map(
+      _LoadEvalBatch(source, config.image_size, config.data.preprocess))
+
+
+def make_iterator(dataset: grain.MapDataset, worker_count: int, worker_buffer_size: int,
+                  start: int = 0) -> grain.DatasetIterator:
+  """Iterates `dataset` from element `start`, decoding in `worker_count` Grain processes."""
+  iter_dataset = dataset[start:].to_iter_dataset()
+  if worker_count > 0:
+    iter_dataset = iter_dataset.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=worker_buffer_size))
+  return iter(iter_dataset)

@@ -1,0 +1,28 @@
+"""Command line entry point: `python -m flax_detector.main --config=configs/vgg16.py --workdir=DIR`.
+
+Intentionally short: flags, logging, then train.train_and_evaluate. Everything else is importable
+and testable on its own.
+"""
+
+from absl import app, flags, logging
+import jax
+from ml_collections import config_flags
+
+from flax_detector import train
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events and final_metrics.json.")
+config_flags.DEFINE_config_file("config", None, "Training configuration, e.g. configs/vgg16.py or configs/vgg16.py:cpu.",
+                                 lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.info("JAX process %d of %d, local devices %s", jax.process_index(), jax.process_count(), jax.local_devices())
+  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,92 @@
+"""VGG16 in Flax Linen, NHWC, matching torchvision's vgg16 / vgg16_bn topology and initialisation."""
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+# torchvision's configuration "D": conv widths per stage, each stage ends in a 2x2 max pool.
+VGG16_STAGES: tuple[tuple[int, ...], ...] = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
+CLASSIFIER_WIDTH = 4096
+POOLED_SIDE = 7
+
+# ImageNet statistics, as torchvision normalises its inputs; images arrive as uint8 and are
+# normalised inside the jitted step so only bytes cross the host-device boundary.
+_RGB_MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
+_RGB_STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
+
+# torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu") for convs, N(0, 0.01) for linears, zero biases.
+_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+_dense_init = nn.initializers.normal(stddev=0.01)
+
+
+def scaled_width(width: int, multiplier: float) -> int:
+  return max(1, int(round(width * multiplier)))
+
+
+def adaptive_avg_pool(x: jnp.ndarray, output_side: int) -> jnp.ndarray:
+  """torch.nn.AdaptiveAvgPool2d on NHWC: bin i spans [floor(i*H/out), ceil((i+1)*H/out)).
+
+  Written as two small averaging matrices so it is exact for any input side, including inputs
+  smaller than the output (64-px crops reach this layer at 2x2 and are replicated, like torch).
+  """
+
+  def bins(size: int) -> np.ndarray:
+    matrix = np.zeros((output_side, size), np.float32)
+    for i in range(output_side):
+      start, end = (i * size) // output_side, -((-(i + 1) * size) // output_side)
+      matrix[i, start:end] = 1.0 / (end - start)
+    return matrix
+
+  height, width = x.shape[1:3]
+  if (height, width) == (output_side, output_side):
+    return x
+  rows, cols = jnp.asarray(bins(height), x.dtype), jnp.asarray(bins(width), x.dtype)
+  return jnp.einsum("ih,nhwc,jw->nijc", rows, x, cols)
+
+
+class VGG16(nn.Module):
+  """VGG16 classifier over uint8 NHWC images; returns float32 logits.
+
+  With width_multiplier=1.0 and 2 classes it has torchvision's parameter count: 134,268,738
+  (134,277,186 with BatchNorm).
+  """
+
+  num_classes: int = 2
+  batch_norm: bool = False
+  width_multiplier: float = 1.0
+  dropout_rate: float = 0.5
+  dtype: Any = jnp.float32
+  stages: Sequence[Sequence[int]] = VGG16_STAGES
+
+  @nn.compact
+  def __call__(self, images: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+    x = ((images.astype(jnp.float32) - _RGB_MEAN) / _RGB_STD).astype(self.dtype)
+    for stage in self.stages:
+      for width in stage:
+        x = nn.Conv(scaled_width(width, self.width_multiplier), (3, 3), padding=1, kernel_init=_conv_init,
+                    dtype=self.dtype)(x)
+        if self.batch_norm:
+          # torch momentum 0.1 is Flax momentum 0.9. Under jit over a sharded batch the statistics
+          # are computed over the global batch.
+          x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype)(x)
+        x = nn.relu(x)
+      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = adaptive_avg_pool(x, POOLED_SIDE)
+    x = x.reshape((x.shape[0], -1))
+    hidden = scaled_width(CLASSIFIER_WIDTH, self.width_multiplier)
+    for _ in range(2):
+      x = nn.Dense(hidden, kernel_init=_dense_init, dtype=self.dtype)(x)
+      x = nn.relu(x)
+      x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    logits = nn.Dense(self.num_classes, kernel_init=_dense_init, dtype=self.dtype)(x)
+    return logits.astype(jnp.float32)
+
+
+def create_model(model_config: Any, num_classes: int) -> VGG16:
+  """Builds the VGG16 a config's `model` block describes."""
+  return VGG16(num_classes=num_classes, batch_norm=model_config.batch_norm,
+               width_multiplier=model_config.width_multiplier, dropout_rate=model_config.dropout_rate,
+               dtype=jnp.dtype(model_config.dtype))

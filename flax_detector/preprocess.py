@@ -1,0 +1,110 @@
+"""Per-image preprocessing: the training augmentations and the deterministic eval transform.
+
+Each op is a small pure function of (image, rng or parameters). Detection traces live in single
+pixels, so the default ("crop") keeps native resolution: crops, never rescaling; images smaller
+than the crop are zero-padded. "resize" scales the shorter side to the crop size first.
+"""
+
+import dataclasses
+import io
+
+import ml_collections
+import numpy as np
+from PIL import Image, ImageFilter
+
+PREPROCESS_MODES = ("crop", "resize")
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentOptions:
+  """The training augmentations a config asks for."""
+
+  flip_probability: float
+  jpeg_probability: float
+  jpeg_quality_range: tuple[int, int]
+  blur_probability: float
+  blur_sigma_range: tuple[float, float]
+
+  @classmethod
+  def from_config(cls, data: ml_collections.ConfigDict) -> "AugmentOptions":
+    for name in ("flip_probability", "jpeg_probability", "blur_probability"):
+      if not 0.0 <= data[name] <= 1.0:
+        raise ValueError(f"data.{name}={data[name]}: must be a probability in [0, 1]")
+    if not 1 <= data.jpeg_quality_min <= data.jpeg_quality_max <= 100:
+      raise ValueError(f"data.jpeg_quality_min/max={data.jpeg_quality_min}/{data.jpeg_quality_max}: "
+                       "need 1 <= min <= max <= 100")
+    if not 0.0 < data.blur_sigma_min <= data.blur_sigma_max:
+      raise ValueError(f"data.blur_sigma_min/max={data.blur_sigma_min}/{data.blur_sigma_max}: need 0 < min <= max")
+    return cls(data.flip_probability, data.jpeg_probability, (data.jpeg_quality_min, data.jpeg_quality_max),
+               data.blur_probability, (data.blur_sigma_min, data.blur_sigma_max))
+
+
+def pad_to_at_least(image: np.ndarray, size: int) -> np.ndarray:
+  """Zero-pads bottom/right so both sides are >= size."""
+  height, width = image.shape[:2]
+  if height >= size and width >= size:
+    return image
+  return np.pad(image, ((0, max(0, size - height)), (0, max(0, size - width)), (0, 0)))
+
+
+def resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
+  height, width = image.shape[:2]
+  scale = size / min(height, width)
+  new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
+  return np.asarray(Image.fromarray(image).resize(new_size, Image.Resampling.BICUBIC))
+
+
+def crop(image: np.ndarray, top: int, left: int, size: int) -> np.ndarray:
+  return image[top:top + size, left:left + size]
+
+
+def random_crop(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+  height, width = image.shape[:2]
+  return crop(image, int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1)), size)
+
+
+def center_crop(image: np.ndarray, size: int) -> np.ndarray:
+  height, width = image.shape[:2]
+  return crop(image, (height - size) // 2, (width - size) // 2, size)
+
+
+def jpeg_recompress(image: np.ndarray, quality: int) -> np.ndarray:
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
+  return np.asarray(Image.open(buffer).convert("RGB"))
+
+
+def gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
+  return np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(radius=sigma)))
+
+
+def _fit(image: np.ndarray, size: int, mode: str) -> np.ndarray:
+  if mode == "resize":
+    image = resize_shorter_side(image, size)
+  elif mode != "crop":
+    raise ValueError(f"data.preprocess={mode!r}: use one of {PREPROCESS_MODES}")
+  return pad_to_at_least(image, size)
+
+
+def train_transform(image: np.ndarray, size: int, mode: str, options: AugmentOptions,
+                    rng: np.random.Generator) -> np.ndarray:
+  """Random crop, flip, blur and JPEG re-compression: uint8[H, W, 3] to uint8[size, size, 3].
+
+  Every random draw is made, used or not, so one choice never shifts the others' random streams.
+  """
+  image = random_crop(_fit(image, size, mode), size, rng)
+  flip, blur, jpeg = rng.random(3)
+  sigma = rng.uniform(*options.blur_sigma_range)
+  quality = int(rng.integers(options.jpeg_quality_range[0], options.jpeg_quality_range[1] + 1))
+  if flip < options.flip_probability:
+    image = image[:, ::-1]
+  if blur < options.blur_probability:
+    image = gaussian_blur(image, sigma)
+  if jpeg < options.jpeg_probability:
+    image = jpeg_recompress(image, quality)
+  return np.ascontiguousarray(image)
+
+
+def eval_transform(image: np.ndarray, size: int, mode: str) -> np.ndarray:
+  """The deterministic centre view used for evaluation and prediction."""
+  return np.ascontiguousarray(center_crop(_fit(image, size, mode), size))

@@ -1,0 +1,219 @@
+"""Training and evaluation: the train state, the jitted steps, and the loop that drives them."""
+
+import functools
+import json
+import time
+from typing import Any
+
+from absl import logging
+from clu import metric_writers, parameter_overview, periodic_actions
+from etils import epath
+import flax.linen as nn
+from flax.training import train_state
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from flax_detector import input_pipeline, losses, metrics, sharding
+from flax_detector.checkpoint import Checkpointer, Topology, abstract_with_shardings
+from flax_detector.models import create_model
+
+
+class TrainState(train_state.TrainState):
+  """Params, optimizer state, BatchNorm statistics and the key dropout keys are folded from."""
+
+  batch_stats: Any
+  dropout_key: jax.Array
+
+
+def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: float,
+                            total_steps: int) -> optax.Schedule:
+  """Linear warm-up to config.learning_rate, then cosine decay to 0 at the last scheduled step."""
+  warmup_steps = int(config.warmup_epochs * steps_per_epoch)
+  return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, max(warmup_steps, 1),
+                                            max(total_steps, warmup_steps + 1), end_value=0.0)
+
+
+def _decay_mask(params: Any) -> Any:
+  """Weight decay on conv and dense kernels only, never on biases or BatchNorm scales."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", params)
+
+
+def create_optimizer(config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
+  adamw = optax.adamw(learning_rate_fn, weight_decay=config.weight_decay, mask=_decay_mask)
+  if config.grad_clip_norm > 0:
+    return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw)
+  return adamw
+
+
+def create_train_state(config: ml_collections.ConfigDict, model: nn.Module,
+                       optimizer: optax.GradientTransformation) -> TrainState:
+  """Initialises the model from config.seed; pure, so it can run under jax.eval_shape or jit.
+
+  `model` and `optimizer` are built once by the caller: they are static parts of the state's
+  pytree structure, which the shardings computed from an abstract state must match.
+  """
+  init_key, dropout_key = jax.random.split(jax.random.PRNGKey(config.seed))
+  dummy = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.uint8)
+  variables = model.init({"params": init_key}, dummy, train=False)
+  return TrainState.create(apply_fn=model.apply, params=variables["params"],
+                           batch_stats=variables.get("batch_stats", {}), dropout_key=dropout_key,
+                           tx=optimizer)
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *,
+               class_weights: np.ndarray) -> tuple[TrainState, metrics.TrainMetrics]:
+  """One AdamW step on the class-weighted cross-entropy of a global batch."""
+  dropout_key = jax.random.fold_in(state.dropout_key, state.step)
+
+  def loss_fn(params):
+    logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, batch["image"],
+                                     train=True, rngs={"dropout": dropout_key}, mutable=["batch_stats"])
+    loss, per_example_loss, example_weight = losses.weighted_cross_entropy(
+        logits, batch["label"], jnp.asarray(class_weights), batch["mask"])
+    return loss, (logits, per_example_loss, example_weight, updates.get("batch_stats", {}))
+
+  grads, (logits, per_example_loss, example_weight, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  step_metrics = metrics.TrainMetrics.single_from_model_output(
+      logits=logits, labels=batch["label"], mask=batch["mask"], per_example_loss=per_example_loss,
+      example_weight=example_weight)
+  return new_state, step_metrics
+
+
+def eval_step(state: TrainState, batch: dict[str, jax.Array], *, class_weights: np.ndarray) -> metrics.EvalMetrics:
+  logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False)
+  _, per_example_loss, example_weight = losses.weighted_cross_entropy(
+      logits, batch["label"], jnp.asarray(class_weights), batch["mask"])
+  return metrics.EvalMetrics.single_from_model_output(
+      logits=logits, labels=batch["label"], mask=batch["mask"], per_example_loss=per_example_loss,
+      example_weight=example_weight)
+
+
+def evaluate(eval_step_fn: Any, state: TrainState, dataset: grain.MapDataset, config: ml_collections.ConfigDict,
+             batch_sharding: jax.sharding.NamedSharding) -> dict[str, Any]:
+  """Runs the whole split through `eval_step_fn`; every example counts exactly once."""
+  positive = list(config.data.class_names).index(config.data.positive_class)
+  accumulated = None
+  for local_batch in input_pipeline.make_iterator(dataset, config.data.worker_count, config.data.worker_buffer_size):
+    batch_metrics = eval_step_fn(state, sharding.to_global_batch(local_batch, batch_sharding))
+    accumulated = batch_metrics if accumulated is None else accumulated.merge(batch_metrics)
+  return metrics.summarize_eval(accumulated, positive)
+
+
+def _write_json(path: epath.Path, payload: Any) -> None:
+  """Writes via a temporary file and a rename, so a crash never leaves a half-written file."""
+  temporary = path.parent / f".{path.name}.tmp"
+  temporary.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+  temporary.rename(path)
+
+
+def _every(setting: int, steps_per_epoch: float) -> int:
+  """A step interval from a config field where <= 0 means once per epoch."""
+  return setting if setting > 0 else max(1, round(steps_per_epoch))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (resuming from the latest checkpoint in workdir), then evaluates the test split.
+
+  Returns the final test metrics, also written to workdir/final_metrics.json by process 0.
+  """
+  workdir_path = epath.Path(workdir)
+  workdir_path.mkdir(parents=True, exist_ok=True)
+  is_chief = jax.process_index() == 0
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief, asynchronous=True)
+
+  mesh = sharding.create_mesh()
+  sharding.check_divisible(config.batch_size, "batch_size", mesh)
+  sharding.check_divisible(config.eval_batch_size, "eval_batch_size", mesh)
+  batch_sharding = sharding.batch_sharding(mesh)
+
+  splits = input_pipeline.load_splits(config)
+  counts = np.bincount(splits.train.labels, minlength=len(config.data.class_names))
+  class_weights = losses.class_weights(config.class_weights, counts)
+  logging.info("Class weights %s from training counts %s", class_weights.tolist(), counts.tolist())
+
+  total_steps = input_pipeline.num_train_steps(len(splits.train), config)
+  steps_per_epoch = total_steps / config.num_epochs
+  last_step = min(total_steps, config.num_train_steps) if config.num_train_steps > 0 else total_steps
+  learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch, total_steps)
+
+  model = create_model(config.model, len(config.data.class_names))
+  init_state = functools.partial(create_train_state, config, model, create_optimizer(config, learning_rate_fn))
+  abstract_state = jax.eval_shape(init_state)
+  state_shardings = sharding.state_shardings(abstract_state, mesh, config.sharding)
+  process_index, process_count = jax.process_index(), jax.process_count()
+  train_data = input_pipeline.train_dataset(splits.train, config, process_index, process_count)
+
+  def make_train_iterator(start_step: int) -> grain.DatasetIterator:
+    return input_pipeline.make_iterator(train_data, config.data.worker_count, config.data.worker_buffer_size,
+                                        start_step)
+
+  checkpointer = Checkpointer(workdir_path / "checkpoints", _every(config.checkpoint_every_steps, steps_per_epoch),
+                              config.max_checkpoints_to_keep, Topology(process_count, config.data.worker_count))
+  latest = checkpointer.latest_step()
+  if latest is None:
+    state = jax.jit(init_state, out_shardings=state_shardings)()
+    train_iterator = make_train_iterator(0)
+  else:
+    logging.info("Resuming from checkpoint step %d in %s", latest, checkpointer.directory)
+    state, train_iterator = checkpointer.restore(latest, abstract_with_shardings(abstract_state, state_shardings),
+                                                 make_train_iterator)
+  if is_chief:
+    _write_json(workdir_path / "config.json", config.to_dict())
+    parameter_overview.log_parameter_overview(state.params)
+    writer.write_hparams({k: str(v) for k, v in config.to_dict().items() if not isinstance(v, dict)})
+
+  step_kwargs = {"class_weights": class_weights}
+  train_step_fn = jax.jit(functools.partial(train_step, **step_kwargs), in_shardings=(state_shardings, batch_sharding),
+                          out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+  eval_step_fn = jax.jit(functools.partial(eval_step, **step_kwargs), in_shardings=(state_shardings, batch_sharding),
+                         out_shardings=sharding.replicated(mesh))
+  validation_data = input_pipeline.eval_dataset(splits.validation, config, process_index, process_count)
+  eval_every = _every(config.eval_every_steps, steps_per_epoch)
+
+  report_progress = periodic_actions.ReportProgress(num_train_steps=last_step, writer=writer)
+  train_metrics = None
+  step = int(jax.device_get(state.step))
+  logging.info("Training steps %d..%d of %d (%.1f steps per epoch) on %d devices", step, last_step, total_steps,
+               steps_per_epoch, mesh.size)
+  try:
+    while step < last_step:
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        batch = sharding.to_global_batch(next(train_iterator), batch_sharding)
+        state, batch_metrics = train_step_fn(state, batch)
+      step += 1
+      train_metrics = batch_metrics if train_metrics is None else train_metrics.merge(batch_metrics)
+      report_progress(step, time.time())
+      if step % config.log_every_steps == 0 or step == last_step:
+        scalars = {name: float(value) for name, value in jax.device_get(train_metrics.compute()).items()}
+        scalars["learning_rate"] = float(learning_rate_fn(step - 1))
+        writer.write_scalars(step, scalars)
+        train_metrics = None
+      if len(splits.validation) and (step % eval_every == 0 or step == last_step):
+        with report_progress.timed("eval"):
+          summary = evaluate(eval_step_fn, state, validation_data, config, batch_sharding)
+        writer.write_scalars(step, {k: v for k, v in summary.items() if k.startswith("eval_")})
+      reached_preemption = checkpointer.reached_preemption(step)
+      checkpointer.save(step, state, train_iterator, force=step == last_step)
+      if reached_preemption:
+        logging.warning("Preemption notice at step %d: checkpoint saved, exiting.", step)
+        checkpointer.wait_until_finished()
+        return {}
+  finally:
+    checkpointer.close()
+    if hasattr(train_iterator, "close"):
+      train_iterator.close()
+
+  test_data = input_pipeline.eval_dataset(splits.test, config, process_index, process_count)
+  final = evaluate(eval_step_fn, state, test_data, config, batch_sharding)
+  final.update(split="test", checkpoint_step=step, class_names=list(config.data.class_names))
+  writer.write_scalars(step, {k.replace("eval_", "test_"): v for k, v in final.items() if k.startswith("eval_")})
+  writer.flush()
+  if is_chief:
+    _write_json(workdir_path / "final_metrics.json", final)
+  logging.info("Test metrics at step %d: %s", step, final)
+  return final
