@@ -102,12 +102,12 @@ def _apply_cpu_preset(config: ml_collections.ConfigDict) -> None:
   config.image_size = 64
   config.batch_size = 32
   config.eval_batch_size = 128
-  config.num_epochs = 3
+  config.num_epochs = 10
   config.learning_rate = 1e-3
   config.warmup_epochs = 0.5
   config.model.width_multiplier = 0.125
   config.model.dtype = "float32"
   config.data.worker_count = 1
-  config.data.synthetic_train_size = 4096
+  config.data.synthetic_train_size = 2048
   config.data.synthetic_test_size = 1024
   config.log_every_steps = 20

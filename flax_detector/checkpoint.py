@@ -97,3 +97,22 @@ def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs that tell Orbax where each restored array goes."""
   return jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
                       abstract_state, shardings)
+
+
+def restore_model_variables(directory: epath.PathLike, abstract_variables: Any, step: int | None = None) -> tuple[Any, int]:
+  """Restores only {"params", "batch_stats"} of a saved train state (no optimizer state), for inference.
+
+  Returns (variables, step); `step` None means the latest checkpoint.
+  """
+  manager = ocp.CheckpointManager(epath.Path(directory), item_names=(_STATE, _DATA, _TOPOLOGY),
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"{directory}: no checkpoint found; train first with flax_detector.main")
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_variables)
+    restored = manager.restore(step, args=ocp.args.Composite(**{_STATE: ocp.args.PyTreeRestore(
+        item=abstract_variables, restore_args=restore_args, partial_restore=True)}))
+    return restored[_STATE], step
+  finally:
+    manager.close()

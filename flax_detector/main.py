@@ -8,7 +8,6 @@ from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
-from flax_detector import train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events and final_metrics.json.")
@@ -20,6 +19,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # Imported here, not at the top: Grain's worker processes re-import this module when they start,
+  # and should not pay for TensorFlow (pulled in by CLU's writers) to decode images.
+  from flax_detector import train  # pylint: disable=g-import-not-at-top
+
   logging.info("JAX process %d of %d, local devices %s", jax.process_index(), jax.process_count(), jax.local_devices())
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 

@@ -1,0 +1,43 @@
+"""Test set-up: 8 simulated CPU devices (set before JAX is imported) and a tiny config."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from configs.vgg16 import get_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# Grain defines absl flags and reads them in its worker processes; under pytest nobody parses them.
+flags.FLAGS.mark_as_parsed()
+
+
+def tiny_config(**overrides) -> ml_collections.ConfigDict:
+  """The cpu preset shrunk so a run takes seconds: 1/16 width, 32-px crops, a few hundred images."""
+  config = get_config("cpu")
+  config.image_size = 32
+  config.batch_size = 16
+  config.eval_batch_size = 24  # 3 per device: the last eval batch is partial and must be padded
+  config.num_epochs = 2
+  config.model.width_multiplier = 1 / 16
+  config.data.worker_count = 0
+  config.data.synthetic_train_size = 160
+  config.data.synthetic_test_size = 40
+  config.data.synthetic_min_side = 32
+  config.data.synthetic_max_side = 48
+  config.log_every_steps = 5
+  for dotted, value in overrides.items():
+    node = config
+    *parents, leaf = dotted.split("__")
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
+
+
+@pytest.fixture
+def make_config():
+  return tiny_config

@@ -1,0 +1,66 @@
+import io
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from flax_detector.data.decode import UnreadableImageError, decode_image, read_image
+
+
+def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+  buffer = io.BytesIO()
+  image.save(buffer, format=fmt, **kwargs)
+  return buffer.getvalue()
+
+
+def test_palette_with_transparency_is_composited_on_white():
+  image = Image.new("P", (4, 4), 0)
+  image.putpalette([255, 0, 0] + [0, 0, 255] * 255)
+  image.putpixel((0, 0), 1)
+  decoded = decode_image(_encode(image, "PNG", transparency=0), "palette.png")
+  assert decoded.dtype == np.uint8 and decoded.shape == (4, 4, 3)
+  np.testing.assert_array_equal(decoded[1, 1], [255, 255, 255])  # index 0 is transparent
+  np.testing.assert_array_equal(decoded[0, 0], [0, 0, 255])
+
+
+def test_rgba_and_la_alpha_composited_on_white():
+  rgba = Image.new("RGBA", (2, 2), (200, 0, 0, 0))
+  rgba.putpixel((0, 0), (200, 0, 0, 255))
+  decoded = decode_image(_encode(rgba, "PNG"), "rgba.png")
+  np.testing.assert_array_equal(decoded[0, 0], [200, 0, 0])
+  np.testing.assert_array_equal(decoded[1, 1], [255, 255, 255])
+  la = Image.new("LA", (2, 2), (0, 128))
+  np.testing.assert_array_equal(decode_image(_encode(la, "PNG"), "la.png")[0, 0], [127, 127, 127])
+
+
+def test_cmyk_and_grayscale_become_rgb():
+  cmyk = Image.new("CMYK", (3, 3), (0, 255, 255, 0))  # pure red
+  decoded = decode_image(_encode(cmyk, "JPEG", quality=100), "cmyk.jpg")
+  assert decoded.shape == (3, 3, 3) and decoded[1, 1, 0] > 240 and decoded[1, 1, 1:].max() < 15
+  gray = decode_image(_encode(Image.new("L", (3, 3), 77), "PNG"), "gray.png")
+  np.testing.assert_array_equal(gray[0, 0], [77, 77, 77])
+
+
+def test_16_bit_grayscale_is_rescaled_not_clipped():
+  values = np.array([[0, 32896], [65535, 257]], np.uint16)
+  decoded = decode_image(_encode(Image.fromarray(values), "PNG"), "deep.png")
+  np.testing.assert_array_equal(decoded[..., 0], [[0, 128], [255, 1]])
+
+
+def test_exif_orientation_is_applied():
+  image = Image.new("RGB", (4, 2), (0, 0, 0))
+  image.putpixel((0, 0), (255, 255, 255))
+  exif = Image.Exif()
+  exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+  decoded = decode_image(_encode(image, "PNG", exif=exif), "rotated.png")
+  assert decoded.shape == (4, 2, 3)
+  assert decoded[0, 1].min() > 200  # the top-left pixel moved to the top-right
+
+
+def test_unreadable_file_error_names_it(tmp_path):
+  broken = tmp_path / "broken.png"
+  broken.write_bytes(b"not an image at all")
+  with pytest.raises(UnreadableImageError, match="broken.png"):
+    read_image(str(broken))
+  with pytest.raises(UnreadableImageError, match="missing.png"):
+    read_image(str(tmp_path / "missing.png"))

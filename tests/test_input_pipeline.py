@@ -1,0 +1,101 @@
+import numpy as np
+import pytest
+
+from flax_detector import input_pipeline
+from flax_detector.data.sources import split_off_validation
+from flax_detector.data.synthetic import SyntheticSource
+
+
+def _batches(config, process_index=0, process_count=1, split="train"):
+  splits = input_pipeline.load_splits(config)
+  if split == "train":
+    dataset = input_pipeline.train_dataset(splits.train, config, process_index, process_count)
+  else:
+    dataset = input_pipeline.eval_dataset(getattr(splits, split), config, process_index, process_count)
+  return [dataset[i] for i in range(len(dataset))]
+
+
+def test_same_seed_same_batches_other_seed_other_batches(make_config):
+  first, again = _batches(make_config()), _batches(make_config())
+  for a, b in zip(first, again):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["label"], b["label"])
+  other = _batches(make_config(seed=1))
+  assert not np.array_equal(first[0]["image"], other[0]["image"])
+
+
+def test_every_epoch_sees_every_record_once_in_a_new_order(make_config):
+  config = make_config(batch_size=8)
+  splits = input_pipeline.load_splits(config)
+  dataset = input_pipeline.train_dataset(splits.train, config, 0, 1)
+  # The position stream behind the batches: (record, epoch) pairs.
+  positions = dataset._parent  # pylint: disable=protected-access
+  records = np.concatenate([positions[i][0] for i in range(len(positions))])
+  epochs = np.concatenate([positions[i][1] for i in range(len(positions))])
+  n = len(splits.train)
+  first, second = records[epochs == 0], records[epochs == 1]
+  assert sorted(first.tolist()) == list(range(n))
+  assert len(second) and not np.array_equal(first[:len(second)], second)
+
+
+@pytest.mark.parametrize("process_count", [2, 4])
+def test_global_batches_do_not_depend_on_process_count(make_config, process_count):
+  config = make_config()
+  single = _batches(config)
+  shares = [_batches(config, index, process_count) for index in range(process_count)]
+  assert all(len(share) == len(single) for share in shares)
+  for step, whole in enumerate(single):
+    for key in ("image", "label"):
+      np.testing.assert_array_equal(np.concatenate([share[step][key] for share in shares]), whole[key])
+
+
+def test_eval_pads_and_masks_so_every_example_counts_once(make_config):
+  config = make_config()  # 40 test images, global eval batch 24: 2 steps, 8 padded slots
+  shares = [_batches(config, index, 2, split="test") for index in range(2)]
+  assert len(shares[0]) == len(shares[1]) == 2
+  masks = np.concatenate([batch["mask"] for share in shares for batch in share])
+  assert masks.sum() == 40 and masks.size == 48
+  labels = np.concatenate([batch["label"][batch["mask"]] for share in shares for batch in share])
+  assert np.bincount(labels).tolist() == [20, 20]
+
+
+def test_augmentation_depends_on_seed_record_and_epoch_only(make_config):
+  config = make_config(data__jpeg_probability=0.5, data__blur_probability=0.5)
+  a, b = _batches(config), _batches(config)
+  np.testing.assert_array_equal(np.stack([x["image"] for x in a]), np.stack([x["image"] for x in b]))
+
+
+def test_workers_give_the_same_batches_as_in_process(make_config):
+  config = make_config()
+  splits = input_pipeline.load_splits(config)
+  dataset = input_pipeline.train_dataset(splits.train, config, 0, 1)
+  in_process = [batch["image"] for batch in input_pipeline.make_iterator(dataset, 0, 1, start=3)]
+  iterator = input_pipeline.make_iterator(dataset, 2, 1, start=3)
+  try:
+    with_workers = [batch["image"] for batch in iterator]
+  finally:
+    iterator.close()
+  assert len(in_process) == len(dataset) - 3
+  for a, b in zip(in_process, with_workers, strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_validation_split_is_stable_and_disjoint():
+  source = SyntheticSource("train", 400, 32, 48)
+  train, validation = split_off_validation(source, 0.25)
+  assert set(train.keys).isdisjoint(validation.keys) and len(train) + len(validation) == 400
+  assert 60 <= len(validation) <= 140
+  smaller = SyntheticSource("train", 300, 32, 48)
+  _, smaller_validation = split_off_validation(smaller, 0.25)
+  # A record stays in its split when others are added or removed.
+  assert set(smaller_validation.keys) == {key for key in validation.keys if int(key.rsplit("/", 1)[1]) < 300}
+
+
+def test_bad_batch_sizes_are_named(make_config):
+  config = make_config(batch_size=10_000)
+  with pytest.raises(ValueError, match="batch_size=10000"):
+    _batches(config)
+  config = make_config(batch_size=15)
+  splits = input_pipeline.load_splits(config)
+  with pytest.raises(ValueError, match="batch_size=15"):
+    input_pipeline.train_dataset(splits.train, config, 0, 2)

@@ -1,0 +1,52 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flax_detector.models import VGG16, adaptive_avg_pool
+
+
+def _param_count(model: VGG16, side: int = 224) -> int:
+  variables = jax.eval_shape(
+      lambda: model.init({"params": jax.random.PRNGKey(0)}, jnp.zeros((1, side, side, 3), jnp.uint8), train=False))
+  return sum(leaf.size for leaf in jax.tree.leaves(variables["params"]))
+
+
+@pytest.mark.parametrize("batch_norm, expected", [(False, 134_268_738), (True, 134_277_186)])
+def test_parameter_count_matches_torchvision(batch_norm, expected):
+  assert _param_count(VGG16(num_classes=2, batch_norm=batch_norm)) == expected
+
+
+def test_parameter_count_does_not_depend_on_input_size():
+  assert _param_count(VGG16(num_classes=2), side=64) == _param_count(VGG16(num_classes=2), side=224)
+
+
+def test_width_multiplier_scales_convs_and_classifier():
+  variables = jax.eval_shape(lambda: VGG16(num_classes=3, width_multiplier=0.25).init(
+      {"params": jax.random.PRNGKey(0)}, jnp.zeros((1, 64, 64, 3), jnp.uint8), train=False))
+  params = variables["params"]
+  assert params["Conv_0"]["kernel"].shape == (3, 3, 3, 16)
+  assert params["Conv_12"]["kernel"].shape == (3, 3, 128, 128)
+  assert params["Dense_0"]["kernel"].shape == (7 * 7 * 128, 1024)
+  assert params["Dense_2"]["kernel"].shape == (1024, 3)
+
+
+def test_forward_gives_float32_logits_with_bfloat16_compute():
+  model = VGG16(num_classes=2, batch_norm=True, width_multiplier=1 / 16, dtype=jnp.bfloat16)
+  images = jnp.zeros((2, 32, 32, 3), jnp.uint8)
+  variables = model.init({"params": jax.random.PRNGKey(0)}, images, train=False)
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(variables["params"]))
+  logits, _ = model.apply(variables, images, train=True, rngs={"dropout": jax.random.PRNGKey(1)},
+                          mutable=["batch_stats"])
+  assert logits.shape == (2, 2) and logits.dtype == jnp.float32
+
+
+def test_adaptive_avg_pool_follows_torch_bins():
+  x = jnp.arange(2 * 14 * 14 * 1, dtype=jnp.float32).reshape(2, 14, 14, 1)
+  pooled = adaptive_avg_pool(x, 7)
+  expected = x.reshape(2, 7, 2, 7, 2, 1).mean(axis=(2, 4))
+  np.testing.assert_allclose(pooled, expected, rtol=1e-6)
+  # Smaller than the output (2 -> 7): torch's bins are [0,1) x3, [0,2), [1,2) x3.
+  small = jnp.asarray([10.0, 20.0]).reshape(1, 2, 1, 1) * jnp.ones((1, 2, 2, 1))
+  rows = adaptive_avg_pool(small, 7)[0, :, 0, 0]
+  np.testing.assert_allclose(rows, [10, 10, 10, 15, 20, 20, 20], rtol=1e-6)
