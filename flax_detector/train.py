@@ -108,7 +108,7 @@ def _write_json(path: epath.Path, payload: Any) -> None:
   """Writes via a temporary file and a rename, so a crash never leaves a half-written file."""
   temporary = path.parent / f".{path.name}.tmp"
   temporary.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-  temporary.rename(path)
+  temporary.replace(path)
 
 
 def _every(setting: int, steps_per_epoch: float) -> int:
@@ -212,7 +212,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   final = evaluate(eval_step_fn, state, test_data, config, batch_sharding)
   final.update(split="test", checkpoint_step=step, class_names=list(config.data.class_names))
   writer.write_scalars(step, {k.replace("eval_", "test_"): v for k, v in final.items() if k.startswith("eval_")})
-  writer.flush()
+  writer.close()
   if is_chief:
     _write_json(workdir_path / "final_metrics.json", final)
   logging.info("Test metrics at step %d: %s", step, final)

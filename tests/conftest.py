@@ -41,3 +41,13 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
 @pytest.fixture
 def make_config():
   return tiny_config
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(tmp_path_factory):
+  """A tiny end-to-end run on the 8 simulated devices, shared by the tests that read its outputs."""
+  from flax_detector import train  # pylint: disable=g-import-not-at-top
+
+  workdir = tmp_path_factory.mktemp("trained")
+  train.train_and_evaluate(tiny_config(), str(workdir))
+  return workdir

@@ -1,0 +1,59 @@
+import csv
+import io
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+from flax_detector.data.synthetic import SyntheticSource
+
+
+def _run_predict(*args):
+  return subprocess.run([sys.executable, "-m", "flax_detector.predict", *args], capture_output=True, text=True,
+                        timeout=300, check=False)
+
+
+def test_predict_writes_a_row_per_readable_image_and_warns_about_the_rest(trained_workdir, tmp_path):
+  source = SyntheticSource("test", 6, 32, 48)
+  folder = tmp_path / "images"
+  (folder / "nested").mkdir(parents=True)
+  expected = []
+  for index in range(6):
+    path = folder / ("nested" if index % 2 else "") / f"image_{index}.{'png' if index < 3 else 'JPG'}"
+    Image.fromarray(source[index][0]).save(path, format="PNG" if index < 3 else "JPEG", quality=95)
+    expected.append(str(path))
+  (folder / "corrupt.png").write_bytes(b"\x89PNG broken")
+  (folder / ".hidden.png").write_bytes(b"ignored")
+  single = tmp_path / "single.webp"
+  Image.fromarray(source[0][0]).save(single, format="WEBP", lossless=True)
+  expected.append(str(single))
+
+  result = _run_predict(f"--workdir={trained_workdir}", str(folder), str(single))
+  assert result.returncode == 0, result.stderr
+  assert "corrupt.png" in result.stderr
+  rows = list(csv.DictReader(io.StringIO(result.stdout)))
+  assert result.stdout.splitlines()[0] == "path,p_ai,label"
+  assert sorted(row["path"] for row in rows) == sorted(expected)
+  assert all(0.0 <= float(row["p_ai"]) <= 1.0 for row in rows)
+  assert all(row["label"] == ("ai-generated" if float(row["p_ai"]) > 0.5 else "human-art") for row in rows
+             if abs(float(row["p_ai"]) - 0.5) > 1e-6)
+
+  output = tmp_path / "predictions.csv"
+  assert _run_predict(f"--workdir={trained_workdir}", f"--output={output}", str(single)).returncode == 0
+  with open(output, newline="") as stream:
+    assert [row["path"] for row in csv.DictReader(stream)] == [str(single)]
+
+
+def test_predict_fails_only_when_nothing_is_readable(trained_workdir, tmp_path):
+  broken = tmp_path / "broken.jpg"
+  broken.write_bytes(b"nope")
+  result = _run_predict(f"--workdir={trained_workdir}", str(broken), str(tmp_path / "missing.png"))
+  assert result.returncode != 0
+  assert "broken.jpg" in result.stderr and "missing.png" in result.stderr
+  assert result.stdout.splitlines() == ["path,p_ai,label"]
+
+
+def test_predict_without_a_trained_workdir_says_so(tmp_path):
+  result = _run_predict(f"--workdir={tmp_path}", str(tmp_path))
+  assert result.returncode != 0 and "config.json" in result.stderr

@@ -1,0 +1,92 @@
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from tensorboard.backend.event_processing import event_accumulator
+
+from flax_detector import input_pipeline, train
+from flax_detector.checkpoint import restore_model_variables
+from flax_detector.models import create_model
+
+FIXED_SCALARS = ("train_loss", "train_accuracy", "learning_rate", "eval_loss", "eval_accuracy", "eval_precision",
+                 "eval_recall", "eval_f1")
+
+
+def test_a_few_steps_lower_the_loss(make_config):
+  config = make_config(model__dropout_rate=0.0)
+  splits = input_pipeline.load_splits(config)
+  batch = input_pipeline.train_dataset(splits.train, config, 0, 1)[0]
+  model = create_model(config.model, 2)
+  state = train.create_train_state(config, model, train.create_optimizer(config, optax.constant_schedule(1e-3)))
+  step = jax.jit(functools.partial(train.train_step, class_weights=np.ones(2, np.float32)))
+  losses = []
+  for _ in range(15):
+    state, step_metrics = step(state, batch)
+    losses.append(float(step_metrics.compute()["train_loss"]))
+  assert int(state.step) == 15
+  assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_learning_rate_warms_up_then_decays_to_zero(make_config):
+  schedule = train.create_learning_rate_fn(make_config(learning_rate=0.1, warmup_epochs=1.0), 10, 100)
+  assert float(schedule(0)) == 0.0
+  np.testing.assert_allclose(float(schedule(10)), 0.1, rtol=1e-6)
+  assert float(schedule(55)) < 0.1 and float(schedule(100)) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_end_to_end_run_writes_metrics_checkpoints_and_scalars(trained_workdir, make_config):
+  final = json.loads((trained_workdir / "final_metrics.json").read_text())
+  config = make_config()
+  assert final["num_examples"] == config.data.synthetic_test_size
+  assert np.asarray(final["confusion_matrix"]).sum() == config.data.synthetic_test_size
+  for key in ("eval_accuracy", "eval_precision", "eval_recall", "eval_f1", "eval_loss"):
+    assert 0.0 <= final[key] < float("inf")
+  steps = input_pipeline.num_train_steps(len(input_pipeline.load_splits(config).train), config)
+  assert final["checkpoint_step"] == steps
+  assert (trained_workdir / "checkpoints" / str(steps)).is_dir()
+  assert json.loads((trained_workdir / "config.json").read_text())["image_size"] == config.image_size
+
+  accumulator = event_accumulator.EventAccumulator(str(trained_workdir))
+  accumulator.Reload()
+  tags = set(accumulator.Tags()["tensors"]) | set(accumulator.Tags()["scalars"])
+  missing = [name for name in FIXED_SCALARS if name not in tags]
+  assert not missing, f"missing scalars {missing} among {sorted(tags)}"
+  for name in FIXED_SCALARS:
+    events = accumulator.Tensors(name) if name in accumulator.Tags()["tensors"] else accumulator.Scalars(name)
+    values = [float(jax.numpy.asarray(event.tensor_proto.float_val or event.tensor_proto.double_val
+                                       or [np.frombuffer(event.tensor_proto.tensor_content, np.float32)[0]])[0])
+              if hasattr(event, "tensor_proto") else event.value for event in events]
+    assert values and np.all(np.isfinite(values)), (name, values)
+
+
+def test_resumed_run_matches_an_uninterrupted_one_bitwise(trained_workdir, make_config, tmp_path):
+  config = make_config()
+  total = json.loads((trained_workdir / "final_metrics.json").read_text())["checkpoint_step"]
+  interrupted = make_config(num_train_steps=total // 2 + 1)
+  train.train_and_evaluate(interrupted, str(tmp_path))
+  resumed = train.train_and_evaluate(config, str(tmp_path))
+  assert resumed["checkpoint_step"] == total
+
+  model = create_model(config.model, 2)
+  abstract = jax.eval_shape(lambda: model.init({"params": jax.random.PRNGKey(0)},
+                                               jnp.zeros((1, 32, 32, 3), jnp.uint8), train=False))
+  abstract = {"params": abstract["params"], "batch_stats": abstract["batch_stats"]}
+  uninterrupted_vars, _ = restore_model_variables(trained_workdir / "checkpoints", abstract)
+  resumed_vars, _ = restore_model_variables(tmp_path / "checkpoints", abstract)
+  for a, b in zip(jax.tree.leaves(uninterrupted_vars), jax.tree.leaves(resumed_vars), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert resumed == json.loads((trained_workdir / "final_metrics.json").read_text())
+
+
+def test_resuming_with_another_model_is_a_clear_error(trained_workdir, tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+
+  shutil.copytree(trained_workdir / "checkpoints", tmp_path / "checkpoints")
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+
+  with pytest.raises(ValueError, match="does not fit the model"):
+    train.train_and_evaluate(tiny_config(model__width_multiplier=1 / 8), str(tmp_path))
