@@ -102,7 +102,7 @@ def _apply_cpu_preset(config: ml_collections.ConfigDict) -> None:
   config.image_size = 64
   config.batch_size = 32
   config.eval_batch_size = 128
-  config.num_epochs = 10
+  config.num_epochs = 15
   config.learning_rate = 1e-3
   config.warmup_epochs = 0.5
   config.model.width_multiplier = 0.125
