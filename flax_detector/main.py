@@ -8,17 +8,25 @@ from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
+from flax_detector import distributed
+
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events and final_metrics.json.")
 config_flags.DEFINE_config_file("config", None, "Training configuration, e.g. configs/vgg16.py or configs/vgg16.py:cpu.",
                                  lock_config=True)
+flags.DEFINE_string("coordinator_address", None,
+                    "host:port of process 0, for a multi-process job on a cluster JAX does not detect by itself "
+                    "(SLURM and Cloud TPU VMs are detected; then leave the three flags unset).")
+flags.DEFINE_integer("num_processes", None, "Number of processes of the job (with --coordinator_address).")
+flags.DEFINE_integer("process_id", None, "This process's index in 0..num_processes-1 (with --coordinator_address).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   # Imported here, not at the top: Grain's worker processes re-import this module when they start,
   # and should not pay for TensorFlow (pulled in by CLU's writers) to decode images.
   from flax_detector import train  # pylint: disable=g-import-not-at-top

@@ -11,7 +11,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
 DATA_AXIS = "data"
-SHARDING_STRATEGIES = ("dp",)
+SHARDING_STRATEGIES = ("dp", "fsdp")
+# Leaves smaller than this stay replicated under "fsdp": biases and BatchNorm statistics cost more
+# to gather than to keep.
+FSDP_MIN_SIZE = 2**14
 
 
 def create_mesh() -> Mesh:
@@ -27,11 +30,34 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def fsdp_spec(shape: tuple[int, ...], num_shards: int) -> P:
+  """Splits the largest dimension that divides evenly over the data axis; replicates small leaves."""
+  if np.prod(shape, dtype=np.int64) < FSDP_MIN_SIZE or num_shards == 1:
+    return P()
+  for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+    if shape[axis] % num_shards == 0:
+      return P(*[DATA_AXIS if a == axis else None for a in range(len(shape))])
+  return P()
+
+
 def state_shardings(abstract_state: Any, mesh: Mesh, strategy: str) -> Any:
-  """The sharding of every leaf of the train state under `config.sharding`."""
-  if strategy not in SHARDING_STRATEGIES:
-    raise ValueError(f"sharding={strategy!r}: use one of {SHARDING_STRATEGIES}")
-  return jax.tree.map(lambda _: replicated(mesh), abstract_state)
+  """The sharding of every leaf of the train state under `config.sharding`.
+
+  "dp" replicates parameters and optimizer state on every device. "fsdp" splits each large
+  parameter and its optimizer moments over the data axis (ZeRO-3 style); XLA gathers a layer's
+  weights when the step needs them. Both compute the same function of the same global batch.
+  """
+  if strategy == "dp":
+    return jax.tree.map(lambda _: replicated(mesh), abstract_state)
+  if strategy == "fsdp":
+    return jax.tree.map(lambda leaf: NamedSharding(mesh, fsdp_spec(leaf.shape, mesh.shape[DATA_AXIS])),
+                        abstract_state)
+  raise ValueError(f"sharding={strategy!r}: use one of {SHARDING_STRATEGIES}")
+
+
+def bytes_per_device(tree: Any) -> int:
+  """Bytes the arrays of `tree` occupy on one device (the first addressable shard of each)."""
+  return sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(tree))
 
 
 def check_divisible(batch_size: int, setting: str, mesh: Mesh) -> None:

@@ -20,6 +20,7 @@ import optax
 from flax_detector import input_pipeline, losses, metrics, sharding
 from flax_detector.checkpoint import Checkpointer, Topology, abstract_with_shardings
 from flax_detector.models import create_model
+from flax_detector.preemption import PreemptionGuard
 
 
 class TrainState(train_state.TrainState):
@@ -116,10 +117,11 @@ def _every(setting: int, steps_per_epoch: float) -> int:
   return setting if setting > 0 else max(1, round(steps_per_epoch))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any] | None:
   """Trains (resuming from the latest checkpoint in workdir), then evaluates the test split.
 
-  Returns the final test metrics, also written to workdir/final_metrics.json by process 0.
+  Returns the final test metrics, also written to workdir/final_metrics.json by process 0, or None
+  when a preemption stopped training after saving a checkpoint.
   """
   workdir_path = epath.Path(workdir)
   workdir_path.mkdir(parents=True, exist_ok=True)
@@ -178,35 +180,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   report_progress = periodic_actions.ReportProgress(num_train_steps=last_step, writer=writer)
   train_metrics = None
   step = int(jax.device_get(state.step))
-  logging.info("Training steps %d..%d of %d (%.1f steps per epoch) on %d devices", step, last_step, total_steps,
-               steps_per_epoch, mesh.size)
-  try:
-    while step < last_step:
-      with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        batch = sharding.to_global_batch(next(train_iterator), batch_sharding)
-        state, batch_metrics = train_step_fn(state, batch)
-      step += 1
-      train_metrics = batch_metrics if train_metrics is None else train_metrics.merge(batch_metrics)
-      report_progress(step, time.time())
-      if step % config.log_every_steps == 0 or step == last_step:
-        scalars = {name: float(value) for name, value in jax.device_get(train_metrics.compute()).items()}
-        scalars["learning_rate"] = float(learning_rate_fn(step - 1))
-        writer.write_scalars(step, scalars)
-        train_metrics = None
-      if len(splits.validation) and (step % eval_every == 0 or step == last_step):
-        with report_progress.timed("eval"):
-          summary = evaluate(eval_step_fn, state, validation_data, config, batch_sharding)
-        writer.write_scalars(step, {k: v for k, v in summary.items() if k.startswith("eval_")})
-      reached_preemption = checkpointer.reached_preemption(step)
-      checkpointer.save(step, state, train_iterator, force=step == last_step)
-      if reached_preemption:
-        logging.warning("Preemption notice at step %d: checkpoint saved, exiting.", step)
-        checkpointer.wait_until_finished()
-        return {}
-  finally:
-    checkpointer.close()
-    if hasattr(train_iterator, "close"):
-      train_iterator.close()
+  logging.info("Training steps %d..%d of %d (%.1f steps per epoch) on %d devices; per-device memory (%s): "
+               "parameters %.1f MiB, optimizer state %.1f MiB", step, last_step, total_steps, steps_per_epoch,
+               mesh.size, config.sharding, sharding.bytes_per_device(state.params) / 2**20,
+               sharding.bytes_per_device(state.opt_state) / 2**20)
+  with PreemptionGuard(checkpointer) as preemption:
+    try:
+      while step < last_step:
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+          batch = sharding.to_global_batch(next(train_iterator), batch_sharding)
+          state, batch_metrics = train_step_fn(state, batch)
+        step += 1
+        train_metrics = batch_metrics if train_metrics is None else train_metrics.merge(batch_metrics)
+        report_progress(step, time.time())
+        if step % config.log_every_steps == 0 or step == last_step:
+          scalars = {name: float(value) for name, value in jax.device_get(train_metrics.compute()).items()}
+          scalars["learning_rate"] = float(learning_rate_fn(step - 1))
+          writer.write_scalars(step, scalars)
+          train_metrics = None
+        if len(splits.validation) and (step % eval_every == 0 or step == last_step):
+          with report_progress.timed("eval"):
+            summary = evaluate(eval_step_fn, state, validation_data, config, batch_sharding)
+          writer.write_scalars(step, {k: v for k, v in summary.items() if k.startswith("eval_")})
+        stop = preemption.should_stop(step)
+        checkpointer.save(step, state, train_iterator, force=stop or step == last_step)
+        if stop:
+          logging.warning("Preempted at step %d: checkpoint saved; run the same command again to resume.", step)
+          return None
+    finally:
+      checkpointer.close()
+      writer.flush()
+      if hasattr(train_iterator, "close"):
+        train_iterator.close()
 
   test_data = input_pipeline.eval_dataset(splits.test, config, process_index, process_count)
   final = evaluate(eval_step_fn, state, test_data, config, batch_sharding)
