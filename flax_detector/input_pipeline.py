@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from flax_detector import preprocess
+from flax_detector.data import array_record
 from flax_detector.data.folder import ImageFolderSource
 from flax_detector.data.sources import ImageSource, class_counts, split_off_validation
 from flax_detector.data.synthetic import SyntheticSource
@@ -38,8 +39,10 @@ def load_splits(config: ml_collections.ConfigDict) -> Splits:
   """Indexes data.dir (or builds the synthetic set) and carves the validation split from train/."""
   data = config.data
   if data.dir:
-    full_train = ImageFolderSource(data.dir, "train", data.class_names)
-    test = ImageFolderSource(data.dir, "test", data.class_names)
+    # A folder written by flax_detector.prepare holds the same records, keys and order as the image folder.
+    folder_source = array_record.ArrayRecordImageSource if array_record.is_prepared(data.dir) else ImageFolderSource
+    full_train = folder_source(data.dir, "train", data.class_names)
+    test = folder_source(data.dir, "test", data.class_names)
   else:
     if len(data.class_names) != 2:
       raise ValueError(f"data.class_names={data.class_names}: the synthetic set has exactly 2 classes")

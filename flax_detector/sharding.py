@@ -55,9 +55,10 @@ def state_shardings(abstract_state: Any, mesh: Mesh, strategy: str) -> Any:
   raise ValueError(f"sharding={strategy!r}: use one of {SHARDING_STRATEGIES}")
 
 
-def bytes_per_device(tree: Any) -> int:
-  """Bytes the arrays of `tree` occupy on one device (the first addressable shard of each)."""
-  return sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(tree))
+def bytes_per_device(abstract_tree: Any, shardings: Any) -> int:
+  """Bytes the arrays of `abstract_tree` occupy on one device under `shardings` (nothing is allocated)."""
+  return sum(int(np.prod(sharding.shard_shape(leaf.shape))) * leaf.dtype.itemsize
+             for leaf, sharding in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings), strict=True))
 
 
 def check_divisible(batch_size: int, setting: str, mesh: Mesh) -> None:

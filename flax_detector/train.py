@@ -126,7 +126,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir_path = epath.Path(workdir)
   workdir_path.mkdir(parents=True, exist_ok=True)
   is_chief = jax.process_index() == 0
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief, asynchronous=True)
+  # Only process 0 reports; the others hold a writer that writes nothing.
+  writer = (metric_writers.create_default_writer(workdir, asynchronous=True) if is_chief
+            else metric_writers.MultiWriter([]))
 
   mesh = sharding.create_mesh()
   sharding.check_divisible(config.batch_size, "batch_size", mesh)
@@ -182,8 +184,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   step = int(jax.device_get(state.step))
   logging.info("Training steps %d..%d of %d (%.1f steps per epoch) on %d devices; per-device memory (%s): "
                "parameters %.1f MiB, optimizer state %.1f MiB", step, last_step, total_steps, steps_per_epoch,
-               mesh.size, config.sharding, sharding.bytes_per_device(state.params) / 2**20,
-               sharding.bytes_per_device(state.opt_state) / 2**20)
+               mesh.size, config.sharding,
+               sharding.bytes_per_device(abstract_state.params, state_shardings.params) / 2**20,
+               sharding.bytes_per_device(abstract_state.opt_state, state_shardings.opt_state) / 2**20)
   with PreemptionGuard(checkpointer) as preemption:
     try:
       while step < last_step:
