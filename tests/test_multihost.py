@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from multiprocess import config_flags, read_scalars, run_job, series, start_job, wait_job
+from local_jobs import config_flags, read_scalars, run_job, series, start_job, wait_job
 
 FLAGS = config_flags(num_epochs=7, log_every_steps=1)  # 63 steps of a 16-image global batch
 EARLY_STEPS, EARLY_ATOL, LATE_ATOL = 10, 1e-4, 1e-2

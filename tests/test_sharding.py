@@ -6,7 +6,7 @@ import pytest
 
 from flax_detector import sharding, train
 from flax_detector.models import VGG16
-from multiprocess import series
+from local_jobs import series
 
 
 def _vgg16_state_bytes(strategy: str) -> tuple[int, int]:
