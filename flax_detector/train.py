@@ -223,5 +223,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer.close()
   if is_chief:
     _write_json(workdir_path / "final_metrics.json", final)
-  logging.info("Test metrics at step %d: %s", step, final)
+    logging.info("Test metrics at step %d: %s", step, final)
   return final
