@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from flax_detector import input_pipeline, losses, metrics, sharding
+from flax_detector import config_validation, input_pipeline, losses, metrics, sharding
 from flax_detector.checkpoint import Checkpointer, Topology, abstract_with_shardings
 from flax_detector.models import create_model
 from flax_detector.preemption import PreemptionGuard
@@ -123,6 +123,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Returns the final test metrics, also written to workdir/final_metrics.json by process 0, or None
   when a preemption stopped training after saving a checkpoint.
   """
+  config_validation.validate(config)
   workdir_path = epath.Path(workdir)
   workdir_path.mkdir(parents=True, exist_ok=True)
   is_chief = jax.process_index() == 0

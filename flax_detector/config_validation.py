@@ -1,0 +1,52 @@
+"""Checks a training config once, at start-up, so a bad setting fails before any work is done."""
+
+import jax.numpy as jnp
+import ml_collections
+
+from flax_detector.preprocess import PREPROCESS_MODES
+from flax_detector.sharding import SHARDING_STRATEGIES
+
+# Five 2x2 max pools: a smaller crop would pool below one pixel.
+MIN_IMAGE_SIZE = 32
+
+
+def normalize_class_names(value) -> tuple[str, ...]:
+  """Accepts ("a", "b") or the command-line form "a,b" (which arrives as the 1-tuple ("a,b",))."""
+  names = [value] if isinstance(value, str) else list(value)
+  if len(names) == 1 and "," in names[0]:
+    names = names[0].split(",")
+  return tuple(name.strip() for name in names)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first field that cannot work; normalizes data.class_names in place."""
+  config.data.class_names = normalize_class_names(config.data.class_names)
+  names = config.data.class_names
+  checks = [
+      (len(names) >= 2 and len(set(names)) == len(names) and all(names),
+       f"data.class_names={names}: need at least 2 distinct, non-empty names"),
+      (config.data.positive_class in names,
+       f"data.positive_class={config.data.positive_class!r} is not one of data.class_names={names}"),
+      (config.data.preprocess in PREPROCESS_MODES, f"data.preprocess={config.data.preprocess!r}: use one of {PREPROCESS_MODES}"),
+      (config.data.worker_count >= 0, f"data.worker_count={config.data.worker_count}: must be >= 0"),
+      (config.image_size >= MIN_IMAGE_SIZE, f"image_size={config.image_size}: VGG16 needs at least {MIN_IMAGE_SIZE}"),
+      (config.batch_size > 0 and config.eval_batch_size > 0,
+       f"batch_size={config.batch_size}, eval_batch_size={config.eval_batch_size}: must be positive"),
+      (config.num_epochs >= 1, f"num_epochs={config.num_epochs}: must be >= 1"),
+      (config.learning_rate > 0, f"learning_rate={config.learning_rate}: must be positive"),
+      (config.warmup_epochs >= 0, f"warmup_epochs={config.warmup_epochs}: must be >= 0"),
+      (config.log_every_steps >= 1, f"log_every_steps={config.log_every_steps}: must be >= 1"),
+      (config.max_checkpoints_to_keep >= 1, f"max_checkpoints_to_keep={config.max_checkpoints_to_keep}: must be >= 1"),
+      (config.sharding in SHARDING_STRATEGIES, f"sharding={config.sharding!r}: use one of {SHARDING_STRATEGIES}"),
+      (config.model.width_multiplier > 0, f"model.width_multiplier={config.model.width_multiplier}: must be positive"),
+      (0.0 <= config.model.dropout_rate < 1.0, f"model.dropout_rate={config.model.dropout_rate}: must be in [0, 1)"),
+  ]
+  for ok, message in checks:
+    if not ok:
+      raise ValueError(message)
+  try:
+    dtype = jnp.dtype(config.model.dtype)
+  except TypeError as error:
+    raise ValueError(f"model.dtype={config.model.dtype!r}: use float32, bfloat16 or float16") from error
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f"model.dtype={config.model.dtype!r}: use float32, bfloat16 or float16")

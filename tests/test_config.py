@@ -1,0 +1,43 @@
+import pytest
+
+from configs.vgg16 import get_config
+from flax_detector import config_validation
+
+
+def test_presets_are_valid_and_differ():
+  default, cpu = get_config(), get_config("cpu")
+  config_validation.validate(default)
+  config_validation.validate(cpu)
+  assert default.image_size == 224 and default.model.width_multiplier == 1.0
+  assert cpu.image_size < default.image_size and cpu.model.width_multiplier < 1.0
+  assert default.data.class_names == ("human-art", "ai-generated")
+
+
+def test_unknown_preset_is_named():
+  with pytest.raises(ValueError, match="gpu"):
+    get_config("gpu")
+
+
+def test_command_line_class_names_are_split():
+  config = get_config("cpu")
+  config.data.class_names = ("real,fake",)
+  config.data.positive_class = "fake"
+  config_validation.validate(config)
+  assert config.data.class_names == ("real", "fake")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("image_size", 16, "image_size=16"),
+    ("log_every_steps", 0, "log_every_steps=0"),
+    ("sharding", "tp", "sharding='tp'"),
+    ("data.positive_class", "robot-art", "data.positive_class"),
+    ("data.preprocess", "warp", "data.preprocess"),
+    ("model.dtype", "int8", "model.dtype"),
+    ("model.dtype", "float33", "model.dtype"),
+])
+def test_bad_fields_are_named(field, value, message):
+  config = get_config("cpu")
+  parent, _, leaf = field.rpartition(".")
+  (config[parent] if parent else config)[leaf] = value
+  with pytest.raises(ValueError, match=message):
+    config_validation.validate(config)
