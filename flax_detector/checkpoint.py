@@ -41,7 +41,8 @@ class Checkpointer:
     )
     self.directory = epath.Path(directory)
     self._topology = topology
-    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(_STATE, _DATA, _TOPOLOGY))
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(_STATE, _DATA, _TOPOLOGY),
+                                          item_handlers={_STATE: ocp.StandardCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -68,14 +69,9 @@ class Checkpointer:
     """
     saved = self._manager.restore(step, args=ocp.args.Composite(**{_TOPOLOGY: ocp.args.JsonRestore()}))
     saved_topology = Topology(**saved[_TOPOLOGY])
-    try:
-      state = self._manager.restore(step, args=ocp.args.Composite(
-          **{_STATE: ocp.args.StandardRestore(abstract_state)}))[_STATE]
-    except (ValueError, KeyError, TypeError) as error:
-      raise ValueError(
-          f"{self.directory / str(step)}: this checkpoint does not fit the model and optimizer of the current "
-          f"config ({error}). Resume with the config it was trained with (see config.json in the workdir) "
-          f"or use a new --workdir.") from error
+    self._check_fits(step, abstract_state)
+    state = self._manager.restore(step, args=ocp.args.Composite(
+        **{_STATE: ocp.args.StandardRestore(abstract_state)}))[_STATE]
     if saved_topology == self._topology:
       data_iterator = make_data_iterator(0)
       self._manager.restore(step, args=ocp.args.Composite(**{_DATA: grain.checkpoint.CheckpointRestore(data_iterator)}))
@@ -85,12 +81,40 @@ class Checkpointer:
       data_iterator = make_data_iterator(step)
     return state, data_iterator
 
+  def _check_fits(self, step: int, abstract_state: Any) -> None:
+    """Compares array names and shapes with the checkpoint's metadata before reading any array."""
+    saved = _shapes_by_name(self._manager.item_metadata(step)[_STATE])
+    expected = _shapes_by_name(abstract_state)
+    differences = [f"{name}: saved {saved.get(name)}, config needs {expected.get(name)}"
+                   for name in sorted(set(saved) | set(expected)) if saved.get(name) != expected.get(name)]
+    if differences:
+      raise ValueError(
+          f"{self.directory / str(step)}: this checkpoint does not fit the model and optimizer of the current config "
+          f"({len(differences)} arrays differ, e.g. {'; '.join(differences[:3])}). Resume with the config it was "
+          f"trained with (see config.json in the workdir) or use a new --workdir.")
+
   def wait_until_finished(self) -> None:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
     """Waits for pending saves and surfaces their errors."""
     self._manager.close()
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc_info: Any) -> None:
+    self.close()
+
+
+def _shapes_by_name(tree: Any) -> dict[str, tuple[int, ...]]:
+  """{"params/Conv_0/kernel": shape, ...} for a state pytree or Orbax's metadata of one."""
+
+  def name(entry: Any) -> str:
+    return str(getattr(entry, "key", getattr(entry, "name", getattr(entry, "idx", entry))))
+
+  return {"/".join(name(entry) for entry in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:

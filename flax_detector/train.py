@@ -1,5 +1,8 @@
 """Training and evaluation: the train state, the jitted steps, and the loop that drives them."""
 
+from collections.abc import Callable
+import contextlib
+import dataclasses
 import functools
 import json
 import time
@@ -117,25 +120,39 @@ def _every(setting: int, steps_per_epoch: float) -> int:
   return setting if setting > 0 else max(1, round(steps_per_epoch))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any] | None:
-  """Trains (resuming from the latest checkpoint in workdir), then evaluates the test split.
+@dataclasses.dataclass(frozen=True)
+class _Experiment:
+  """Everything a run derives from its config before training: data, schedule, state layout, steps."""
 
-  Returns the final test metrics, also written to workdir/final_metrics.json by process 0, or None
-  when a preemption stopped training after saving a checkpoint.
-  """
-  config_validation.validate(config)
-  workdir_path = epath.Path(workdir)
-  workdir_path.mkdir(parents=True, exist_ok=True)
-  is_chief = jax.process_index() == 0
-  # Only process 0 reports; the others hold a writer that writes nothing.
-  writer = (metric_writers.create_default_writer(workdir, asynchronous=True) if is_chief
-            else metric_writers.MultiWriter([]))
+  config: ml_collections.ConfigDict
+  workdir: epath.Path
+  mesh: jax.sharding.Mesh
+  splits: input_pipeline.Splits
+  total_steps: int  # the schedule's length: num_epochs over the training split
+  last_step: int  # where this run stops: total_steps, or num_train_steps when that is smaller
+  steps_per_epoch: float
+  learning_rate_fn: optax.Schedule
+  init_state: Callable[[], TrainState]
+  abstract_state: TrainState
+  state_shardings: Any
+  train_step: Callable[..., tuple[TrainState, metrics.TrainMetrics]]
+  eval_step: Callable[..., metrics.EvalMetrics]
 
+  @property
+  def batch_sharding(self) -> jax.sharding.NamedSharding:
+    return sharding.batch_sharding(self.mesh)
+
+  def eval_data(self, split: input_pipeline.ImageSource) -> grain.MapDataset:
+    return input_pipeline.eval_dataset(split, self.config, jax.process_index(), jax.process_count())
+
+  def evaluate(self, state: TrainState, split: input_pipeline.ImageSource) -> dict[str, Any]:
+    return evaluate(self.eval_step, state, self.eval_data(split), self.config, self.batch_sharding)
+
+
+def _build_experiment(config: ml_collections.ConfigDict, workdir: epath.Path) -> _Experiment:
   mesh = sharding.create_mesh()
   sharding.check_divisible(config.batch_size, "batch_size", mesh)
   sharding.check_divisible(config.eval_batch_size, "eval_batch_size", mesh)
-  batch_sharding = sharding.batch_sharding(mesh)
-
   splits = input_pipeline.load_splits(config)
   counts = np.bincount(splits.train.labels, minlength=len(config.data.class_names))
   class_weights = losses.class_weights(config.class_weights, counts)
@@ -145,83 +162,119 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   steps_per_epoch = total_steps / config.num_epochs
   last_step = min(total_steps, config.num_train_steps) if config.num_train_steps > 0 else total_steps
   learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch, total_steps)
-
   model = create_model(config.model, len(config.data.class_names))
   init_state = functools.partial(create_train_state, config, model, create_optimizer(config, learning_rate_fn))
   abstract_state = jax.eval_shape(init_state)
   state_shardings = sharding.state_shardings(abstract_state, mesh, config.sharding)
-  process_index, process_count = jax.process_index(), jax.process_count()
-  train_data = input_pipeline.train_dataset(splits.train, config, process_index, process_count)
+  batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  return _Experiment(
+      config=config, workdir=workdir, mesh=mesh, splits=splits, total_steps=total_steps, last_step=last_step,
+      steps_per_epoch=steps_per_epoch, learning_rate_fn=learning_rate_fn, init_state=init_state,
+      abstract_state=abstract_state, state_shardings=state_shardings,
+      train_step=jax.jit(functools.partial(train_step, class_weights=class_weights),
+                         in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated),
+                         donate_argnums=0),
+      eval_step=jax.jit(functools.partial(eval_step, class_weights=class_weights),
+                        in_shardings=(state_shardings, batch_sharding), out_shardings=replicated))
+
+
+def _restore_or_initialize(experiment: _Experiment,
+                           checkpointer: Checkpointer) -> tuple[TrainState, grain.DatasetIterator]:
+  """The newest checkpoint's state and data position, or a fresh state at step 0."""
+  config = experiment.config
+  train_data = input_pipeline.train_dataset(experiment.splits.train, config, jax.process_index(),
+                                            jax.process_count())
 
   def make_train_iterator(start_step: int) -> grain.DatasetIterator:
     return input_pipeline.make_iterator(train_data, config.data.worker_count, config.data.worker_buffer_size,
                                         start_step)
 
-  checkpointer = Checkpointer(workdir_path / "checkpoints", _every(config.checkpoint_every_steps, steps_per_epoch),
-                              config.max_checkpoints_to_keep, Topology(process_count, config.data.worker_count))
   latest = checkpointer.latest_step()
   if latest is None:
-    state = jax.jit(init_state, out_shardings=state_shardings)()
-    train_iterator = make_train_iterator(0)
-  else:
-    logging.info("Resuming from checkpoint step %d in %s", latest, checkpointer.directory)
-    state, train_iterator = checkpointer.restore(latest, abstract_with_shardings(abstract_state, state_shardings),
-                                                 make_train_iterator)
-  if is_chief:
-    _write_json(workdir_path / "config.json", config.to_dict())
+    return jax.jit(experiment.init_state, out_shardings=experiment.state_shardings)(), make_train_iterator(0)
+  logging.info("Resuming from checkpoint step %d in %s", latest, checkpointer.directory)
+  return checkpointer.restore(latest, abstract_with_shardings(experiment.abstract_state, experiment.state_shardings),
+                              make_train_iterator)
+
+
+def _log_start(experiment: _Experiment, state: TrainState, writer: metric_writers.MetricWriter) -> None:
+  config, abstract, shardings = experiment.config, experiment.abstract_state, experiment.state_shardings
+  logging.info("Training steps %d..%d of %d (%.1f steps per epoch) on %d devices; per-device memory (%s): "
+               "parameters %.1f MiB, optimizer state %.1f MiB", int(state.step), experiment.last_step,
+               experiment.total_steps, experiment.steps_per_epoch, experiment.mesh.size, config.sharding,
+               sharding.bytes_per_device(abstract.params, shardings.params) / 2**20,
+               sharding.bytes_per_device(abstract.opt_state, shardings.opt_state) / 2**20)
+  if jax.process_index() == 0:
+    _write_json(experiment.workdir / "config.json", config.to_dict())
     parameter_overview.log_parameter_overview(state.params)
     writer.write_hparams({k: str(v) for k, v in config.to_dict().items() if not isinstance(v, dict)})
 
-  step_kwargs = {"class_weights": class_weights}
-  train_step_fn = jax.jit(functools.partial(train_step, **step_kwargs), in_shardings=(state_shardings, batch_sharding),
-                          out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
-  eval_step_fn = jax.jit(functools.partial(eval_step, **step_kwargs), in_shardings=(state_shardings, batch_sharding),
-                         out_shardings=sharding.replicated(mesh))
-  validation_data = input_pipeline.eval_dataset(splits.validation, config, process_index, process_count)
-  eval_every = _every(config.eval_every_steps, steps_per_epoch)
 
-  report_progress = periodic_actions.ReportProgress(num_train_steps=last_step, writer=writer)
+def _train(experiment: _Experiment, state: TrainState, train_iterator: grain.DatasetIterator,
+           checkpointer: Checkpointer, writer: metric_writers.MetricWriter) -> tuple[TrainState, bool]:
+  """Runs steps up to experiment.last_step; returns (state, whether a preemption stopped it)."""
+  config = experiment.config
+  eval_every = _every(config.eval_every_steps, experiment.steps_per_epoch)
+  report_progress = periodic_actions.ReportProgress(num_train_steps=experiment.last_step, writer=writer)
   train_metrics = None
   step = int(jax.device_get(state.step))
-  logging.info("Training steps %d..%d of %d (%.1f steps per epoch) on %d devices; per-device memory (%s): "
-               "parameters %.1f MiB, optimizer state %.1f MiB", step, last_step, total_steps, steps_per_epoch,
-               mesh.size, config.sharding,
-               sharding.bytes_per_device(abstract_state.params, state_shardings.params) / 2**20,
-               sharding.bytes_per_device(abstract_state.opt_state, state_shardings.opt_state) / 2**20)
   with PreemptionGuard(checkpointer) as preemption:
-    try:
-      while step < last_step:
-        with jax.profiler.StepTraceAnnotation("train", step_num=step):
-          batch = sharding.to_global_batch(next(train_iterator), batch_sharding)
-          state, batch_metrics = train_step_fn(state, batch)
-        step += 1
-        train_metrics = batch_metrics if train_metrics is None else train_metrics.merge(batch_metrics)
-        report_progress(step, time.time())
-        if step % config.log_every_steps == 0 or step == last_step:
-          scalars = {name: float(value) for name, value in jax.device_get(train_metrics.compute()).items()}
-          scalars["learning_rate"] = float(learning_rate_fn(step - 1))
-          writer.write_scalars(step, scalars)
-          train_metrics = None
-        if len(splits.validation) and (step % eval_every == 0 or step == last_step):
-          with report_progress.timed("eval"):
-            summary = evaluate(eval_step_fn, state, validation_data, config, batch_sharding)
-          writer.write_scalars(step, {k: v for k, v in summary.items() if k.startswith("eval_")})
-        stop = preemption.should_stop(step)
-        checkpointer.save(step, state, train_iterator, force=stop or step == last_step)
-        if stop:
-          logging.warning("Preempted at step %d: checkpoint saved; run the same command again to resume.", step)
-          return None
-    finally:
-      checkpointer.close()
-      writer.flush()
-      if hasattr(train_iterator, "close"):
-        train_iterator.close()
+    while step < experiment.last_step:
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        batch = sharding.to_global_batch(next(train_iterator), experiment.batch_sharding)
+        state, batch_metrics = experiment.train_step(state, batch)
+      step += 1
+      train_metrics = batch_metrics if train_metrics is None else train_metrics.merge(batch_metrics)
+      report_progress(step, time.time())
+      is_last = step == experiment.last_step
+      if step % config.log_every_steps == 0 or is_last:
+        scalars = {name: float(value) for name, value in jax.device_get(train_metrics.compute()).items()}
+        scalars["learning_rate"] = float(experiment.learning_rate_fn(step - 1))
+        writer.write_scalars(step, scalars)
+        train_metrics = None
+      if len(experiment.splits.validation) and (step % eval_every == 0 or is_last):
+        with report_progress.timed("eval"):
+          summary = experiment.evaluate(state, experiment.splits.validation)
+        writer.write_scalars(step, {k: v for k, v in summary.items() if k.startswith("eval_")})
+      stop = preemption.should_stop(step)
+      checkpointer.save(step, state, train_iterator, force=stop or is_last)
+      if stop:
+        logging.warning("Preempted at step %d: checkpoint saved; run the same command again to resume.", step)
+        return state, True
+  return state, False
 
-  test_data = input_pipeline.eval_dataset(splits.test, config, process_index, process_count)
-  final = evaluate(eval_step_fn, state, test_data, config, batch_sharding)
-  final.update(split="test", checkpoint_step=step, class_names=list(config.data.class_names))
-  writer.write_scalars(step, {k.replace("eval_", "test_"): v for k, v in final.items() if k.startswith("eval_")})
-  writer.close()
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any] | None:
+  """Trains (resuming from the latest checkpoint in workdir), then evaluates the test split.
+
+  Returns the final test metrics, also written to workdir/final_metrics.json by process 0, or None
+  when a preemption stopped training after saving a checkpoint.
+  """
+  config_validation.validate(config)
+  workdir_path = epath.Path(workdir)
+  workdir_path.mkdir(parents=True, exist_ok=True)
+  experiment = _build_experiment(config, workdir_path)
+  is_chief = jax.process_index() == 0
+  with contextlib.ExitStack() as cleanup:
+    # Only process 0 reports; the others hold a writer that writes nothing.
+    writer = (metric_writers.create_default_writer(workdir, asynchronous=True) if is_chief
+              else metric_writers.MultiWriter([]))
+    cleanup.callback(writer.close)
+    checkpointer = cleanup.enter_context(Checkpointer(
+        workdir_path / "checkpoints", _every(config.checkpoint_every_steps, experiment.steps_per_epoch),
+        config.max_checkpoints_to_keep, Topology(jax.process_count(), config.data.worker_count)))
+    state, train_iterator = _restore_or_initialize(experiment, checkpointer)
+    if hasattr(train_iterator, "close"):
+      cleanup.callback(train_iterator.close)
+    _log_start(experiment, state, writer)
+    state, preempted = _train(experiment, state, train_iterator, checkpointer, writer)
+    if preempted:
+      return None
+    step = int(jax.device_get(state.step))
+    final = experiment.evaluate(state, experiment.splits.test)
+    final.update(split="test", checkpoint_step=step, class_names=list(config.data.class_names))
+    writer.write_scalars(step, {k.replace("eval_", "test_"): v for k, v in final.items() if k.startswith("eval_")})
+    checkpointer.wait_until_finished()  # the checkpoint final_metrics.json names is on disk first
   if is_chief:
     _write_json(workdir_path / "final_metrics.json", final)
     logging.info("Test metrics at step %d: %s", step, final)
