@@ -36,7 +36,8 @@ def test_fsdp_splits_the_largest_evenly_divisible_dimension():
   assert sharding.fsdp_spec((25088, 4096), 8) == jax.sharding.PartitionSpec("data", None)
   assert sharding.fsdp_spec((3, 3, 512, 512), 8) == jax.sharding.PartitionSpec(None, None, "data", None)
   assert sharding.fsdp_spec((4096, 8), 8) == jax.sharding.PartitionSpec("data", None)
-  assert sharding.fsdp_spec((4096,), 8) == jax.sharding.PartitionSpec()  # small: replicated
+  assert sharding.fsdp_spec((4096,), 8) == jax.sharding.PartitionSpec("data")
+  assert sharding.fsdp_spec((512,), 8) == jax.sharding.PartitionSpec()  # small: replicated
   assert sharding.fsdp_spec((3, 3, 3, 20001), 8) == jax.sharding.PartitionSpec()  # nothing divides
 
 
