@@ -9,6 +9,7 @@ on another topology starts its iterator at the restored step instead, which yiel
 
 from collections.abc import Callable
 import dataclasses
+import os
 from typing import Any
 
 from absl import logging
@@ -28,6 +29,12 @@ class Topology:
   worker_count: int
 
 
+def absolute_path(directory: epath.PathLike) -> epath.Path:
+  """Orbax (TensorStore) rejects relative paths; `--workdir=runs/demo` is relative to the current folder."""
+  path = epath.Path(directory)
+  return path if "://" in str(directory) else epath.Path(os.path.abspath(os.fspath(directory)))
+
+
 class Checkpointer:
   """Saves every `every_steps` steps (and when forced), keeps the newest `max_to_keep`."""
 
@@ -39,7 +46,7 @@ class Checkpointer:
         preservation_policy=policies.LatestN(max_to_keep),
         enable_async_checkpointing=True,
     )
-    self.directory = epath.Path(directory)
+    self.directory = absolute_path(directory)
     self._topology = topology
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(_STATE, _DATA, _TOPOLOGY),
                                           item_handlers={_STATE: ocp.StandardCheckpointHandler()})
@@ -128,7 +135,7 @@ def restore_model_variables(directory: epath.PathLike, abstract_variables: Any, 
 
   Returns (variables, step); `step` None means the latest checkpoint.
   """
-  manager = ocp.CheckpointManager(epath.Path(directory), item_names=(_STATE, _DATA, _TOPOLOGY),
+  manager = ocp.CheckpointManager(absolute_path(directory), item_names=(_STATE, _DATA, _TOPOLOGY),
                                   options=ocp.CheckpointManagerOptions(read_only=True))
   try:
     step = manager.latest_step() if step is None else step

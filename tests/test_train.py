@@ -84,3 +84,11 @@ def test_resuming_with_another_model_is_a_clear_error(trained_workdir, tmp_path)
 
   with pytest.raises(ValueError, match="does not fit the model"):
     train.train_and_evaluate(tiny_config(model__width_multiplier=1 / 8), str(tmp_path))
+
+
+def test_a_relative_workdir_works(make_config, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  final = train.train_and_evaluate(make_config(num_train_steps=2), "runs/relative")
+  assert final["checkpoint_step"] == 2
+  assert (tmp_path / "runs/relative/checkpoints/2").is_dir()
+  assert (tmp_path / "runs/relative/final_metrics.json").exists()
