@@ -121,11 +121,10 @@ def _every(setting: int, steps_per_epoch: float) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Experiment:
+class Experiment:
   """Everything a run derives from its config before training: data, schedule, state layout, steps."""
 
   config: ml_collections.ConfigDict
-  workdir: epath.Path
   mesh: jax.sharding.Mesh
   splits: input_pipeline.Splits
   total_steps: int  # the schedule's length: num_epochs over the training split
@@ -149,7 +148,7 @@ class _Experiment:
     return evaluate(self.eval_step, state, self.eval_data(split), self.config, self.batch_sharding)
 
 
-def _build_experiment(config: ml_collections.ConfigDict, workdir: epath.Path) -> _Experiment:
+def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   mesh = sharding.create_mesh()
   sharding.check_divisible(config.batch_size, "batch_size", mesh)
   sharding.check_divisible(config.eval_batch_size, "eval_batch_size", mesh)
@@ -167,8 +166,8 @@ def _build_experiment(config: ml_collections.ConfigDict, workdir: epath.Path) ->
   abstract_state = jax.eval_shape(init_state)
   state_shardings = sharding.state_shardings(abstract_state, mesh, config.sharding)
   batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-  return _Experiment(
-      config=config, workdir=workdir, mesh=mesh, splits=splits, total_steps=total_steps, last_step=last_step,
+  return Experiment(
+      config=config, mesh=mesh, splits=splits, total_steps=total_steps, last_step=last_step,
       steps_per_epoch=steps_per_epoch, learning_rate_fn=learning_rate_fn, init_state=init_state,
       abstract_state=abstract_state, state_shardings=state_shardings,
       train_step=jax.jit(functools.partial(train_step, class_weights=class_weights),
@@ -178,7 +177,7 @@ def _build_experiment(config: ml_collections.ConfigDict, workdir: epath.Path) ->
                         in_shardings=(state_shardings, batch_sharding), out_shardings=replicated))
 
 
-def _restore_or_initialize(experiment: _Experiment,
+def _restore_or_initialize(experiment: Experiment,
                            checkpointer: Checkpointer) -> tuple[TrainState, grain.DatasetIterator]:
   """The newest checkpoint's state and data position, or a fresh state at step 0."""
   config = experiment.config
@@ -197,7 +196,8 @@ def _restore_or_initialize(experiment: _Experiment,
                               make_train_iterator)
 
 
-def _log_start(experiment: _Experiment, state: TrainState, writer: metric_writers.MetricWriter) -> None:
+def _log_start(experiment: Experiment, state: TrainState, workdir: epath.Path,
+               writer: metric_writers.MetricWriter) -> None:
   config, abstract, shardings = experiment.config, experiment.abstract_state, experiment.state_shardings
   logging.info("Training steps %d..%d of %d (%.1f steps per epoch) on %d devices; per-device memory (%s): "
                "parameters %.1f MiB, optimizer state %.1f MiB", int(state.step), experiment.last_step,
@@ -205,12 +205,12 @@ def _log_start(experiment: _Experiment, state: TrainState, writer: metric_writer
                sharding.bytes_per_device(abstract.params, shardings.params) / 2**20,
                sharding.bytes_per_device(abstract.opt_state, shardings.opt_state) / 2**20)
   if jax.process_index() == 0:
-    _write_json(experiment.workdir / "config.json", config.to_dict())
+    _write_json(workdir / "config.json", config.to_dict())
     parameter_overview.log_parameter_overview(state.params)
     writer.write_hparams({k: str(v) for k, v in config.to_dict().items() if not isinstance(v, dict)})
 
 
-def _train(experiment: _Experiment, state: TrainState, train_iterator: grain.DatasetIterator,
+def _train(experiment: Experiment, state: TrainState, train_iterator: grain.DatasetIterator,
            checkpointer: Checkpointer, writer: metric_writers.MetricWriter) -> tuple[TrainState, bool]:
   """Runs steps up to experiment.last_step; returns (state, whether a preemption stopped it)."""
   config = experiment.config
@@ -253,7 +253,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   config_validation.validate(config)
   workdir_path = epath.Path(workdir)
   workdir_path.mkdir(parents=True, exist_ok=True)
-  experiment = _build_experiment(config, workdir_path)
+  experiment = build_experiment(config)
   is_chief = jax.process_index() == 0
   with contextlib.ExitStack() as cleanup:
     # Only process 0 reports; the others hold a writer that writes nothing.
@@ -266,7 +266,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state, train_iterator = _restore_or_initialize(experiment, checkpointer)
     if hasattr(train_iterator, "close"):
       cleanup.callback(train_iterator.close)
-    _log_start(experiment, state, writer)
+    _log_start(experiment, state, workdir_path, writer)
     state, preempted = _train(experiment, state, train_iterator, checkpointer, writer)
     if preempted:
       return None
