@@ -28,6 +28,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       (config.data.positive_class in names,
        f"data.positive_class={config.data.positive_class!r} is not one of data.class_names={names}"),
       (config.data.preprocess in PREPROCESS_MODES, f"data.preprocess={config.data.preprocess!r}: use one of {PREPROCESS_MODES}"),
+      (config.data.eval_grid >= 1, f"data.eval_grid={config.data.eval_grid}: must be >= 1"),
       (config.data.worker_count >= 0, f"data.worker_count={config.data.worker_count}: must be >= 0"),
       (config.image_size >= MIN_IMAGE_SIZE, f"image_size={config.image_size}: VGG16 needs at least {MIN_IMAGE_SIZE}"),
       (config.batch_size > 0 and config.eval_batch_size > 0,

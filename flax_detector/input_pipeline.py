@@ -7,7 +7,7 @@ number of hosts, devices and Grain workers. Each example's augmentation draws fr
 numpy's Generator seeded with (seed, record, epoch).
 
 Batches are dicts {"image": uint8[b, S, S, 3], "label": int32[b], "mask": bool[b]} of the
-process-local share b = B / P. Evaluation pads the split to whole global batches with masked
+process-local share b = B / P; eval images carry a views axis, uint8[b, V, S, S, 3]. Evaluation pads the split to whole global batches with masked
 examples, so every process runs the same number of steps and every example counts exactly once.
 """
 
@@ -101,10 +101,10 @@ class _LoadTrainBatch(grain.transforms.Map):
 
 
 class _LoadEvalBatch(grain.transforms.Map):
-  """Decodes one process-local eval batch; positions past the split are masked padding."""
+  """Decodes one process-local eval batch of [b, views, S, S, 3]; positions past the split are masked padding."""
 
-  def __init__(self, source: ImageSource, image_size: int, mode: str):
-    self._source, self._image_size, self._mode = source, image_size, mode
+  def __init__(self, source: ImageSource, image_size: int, mode: str, grid: int):
+    self._source, self._image_size, self._mode, self._grid = source, image_size, mode, grid
 
   def map(self, positions: np.ndarray) -> dict[str, np.ndarray]:
     images, labels = [], []
@@ -112,9 +112,9 @@ class _LoadEvalBatch(grain.transforms.Map):
     for position, real in zip(positions, mask):
       if real:
         image, label = self._source[int(position)]
-        images.append(preprocess.eval_transform(image, self._image_size, self._mode))
+        images.append(preprocess.eval_transform(image, self._image_size, self._mode, self._grid))
       else:
-        images.append(np.zeros((self._image_size, self._image_size, 3), np.uint8))
+        images.append(np.zeros((self._grid**2, self._image_size, self._image_size, 3), np.uint8))
         label = 0
       labels.append(label)
     return {"image": np.stack(images), "label": np.asarray(labels, np.int32), "mask": mask}
@@ -145,7 +145,7 @@ def eval_dataset(source: ImageSource, config: ml_collections.ConfigDict, process
   steps = num_eval_steps(len(source), config.eval_batch_size)
   positions = grain.MapDataset.range(steps * config.eval_batch_size).batch(local_batch)
   return positions[process_index::process_count].map(
-      _LoadEvalBatch(source, config.image_size, config.data.preprocess))
+      _LoadEvalBatch(source, config.image_size, config.data.preprocess, config.data.eval_grid))
 
 
 def make_iterator(dataset: grain.MapDataset, worker_count: int, worker_buffer_size: int,

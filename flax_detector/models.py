@@ -4,6 +4,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -90,3 +91,15 @@ def create_model(model_config: Any, num_classes: int) -> VGG16:
   return VGG16(num_classes=num_classes, batch_norm=model_config.batch_norm,
                width_multiplier=model_config.width_multiplier, dropout_rate=model_config.dropout_rate,
                dtype=jnp.dtype(model_config.dtype))
+
+
+def view_averaged_log_probs(apply_fn: Any, variables: Any, images: jnp.ndarray) -> jnp.ndarray:
+  """Class log-probabilities of uint8[b, views, S, S, 3]: the views' log-probabilities averaged.
+
+  Averaging log-probabilities (a geometric mean of the views' probabilities, renormalised) lets a
+  view that clearly shows a generator's trace outweigh views of flat colour that show nothing.
+  """
+  batch, views = images.shape[:2]
+  logits = apply_fn(variables, images.reshape((batch * views,) + images.shape[2:]), train=False)
+  per_view = jax.nn.log_softmax(logits.reshape(batch, views, -1), axis=-1)
+  return jax.nn.log_softmax(per_view.mean(axis=1), axis=-1)

@@ -21,7 +21,7 @@ from flax_detector import preprocess, sharding
 from flax_detector.checkpoint import abstract_with_shardings, restore_model_variables
 from flax_detector.data.decode import UnreadableImageError, read_image
 from flax_detector.data.folder import list_images
-from flax_detector.models import create_model
+from flax_detector.models import create_model, view_averaged_log_probs
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir holding config.json and checkpoints/.")
@@ -51,25 +51,25 @@ def expand_paths(paths: Sequence[str]) -> list[str]:
   return expanded
 
 
-def _load(path: str, image_size: int, mode: str) -> np.ndarray | None:
+def _load(path: str, image_size: int, mode: str, grid: int) -> np.ndarray | None:
   try:
-    return preprocess.eval_transform(read_image(path), image_size, mode)
+    return preprocess.eval_transform(read_image(path), image_size, mode, grid)
   except UnreadableImageError as error:
     print(f"warning: skipping {error}", file=sys.stderr)
     return None
 
 
-def _decoded_batches(paths: list[str], batch_size: int, image_size: int,
-                     mode: str) -> Iterator[tuple[list[str], np.ndarray]]:
-  """(readable paths, uint8 images padded to batch_size) per batch; decoding runs in threads."""
+def _decoded_batches(paths: list[str], batch_size: int, image_size: int, mode: str,
+                     grid: int) -> Iterator[tuple[list[str], np.ndarray]]:
+  """(readable paths, uint8[batch_size, views, S, S, 3] padded) per batch; decoding runs in threads."""
   with futures.ThreadPoolExecutor() as pool:
     for start in range(0, len(paths), batch_size):
       chunk = paths[start:start + batch_size]
-      loaded = list(pool.map(lambda p: _load(p, image_size, mode), chunk))
+      loaded = list(pool.map(lambda p: _load(p, image_size, mode, grid), chunk))
       readable = [(path, image) for path, image in zip(chunk, loaded) if image is not None]
       if not readable:
         continue
-      images = np.zeros((batch_size, image_size, image_size, 3), np.uint8)
+      images = np.zeros((batch_size, grid**2, image_size, image_size, 3), np.uint8)
       images[:len(readable)] = np.stack([image for _, image in readable])
       yield [path for path, _ in readable], images
 
@@ -94,7 +94,7 @@ def predict(workdir: str, paths: Sequence[str], output: str | None, batch_size: 
 
   @jax.jit
   def probabilities(images: jax.Array) -> jax.Array:
-    return jax.nn.softmax(model.apply(variables, images, train=False), axis=-1)
+    return jnp.exp(view_averaged_log_probs(model.apply, variables, images))
 
   batch_sharding = sharding.batch_sharding(mesh)
   written = 0
@@ -102,7 +102,7 @@ def predict(workdir: str, paths: Sequence[str], output: str | None, batch_size: 
     writer = csv.writer(stream)
     writer.writerow(["path", "p_ai", "label"])
     for batch_paths, images in _decoded_batches(expand_paths(paths), batch_size, config.image_size,
-                                                config.data.preprocess):
+                                                config.data.preprocess, config.data.get("eval_grid", 1)):
       probs = np.asarray(probabilities(jax.device_put(images, batch_sharding)))[:len(batch_paths)]
       for path, row in zip(batch_paths, probs):
         writer.writerow([path, f"{row[positive]:.6f}", class_names[int(np.argmax(row))]])

@@ -105,6 +105,20 @@ def train_transform(image: np.ndarray, size: int, mode: str, options: AugmentOpt
   return np.ascontiguousarray(image)
 
 
-def eval_transform(image: np.ndarray, size: int, mode: str) -> np.ndarray:
-  """The deterministic centre view used for evaluation and prediction."""
-  return np.ascontiguousarray(center_crop(_fit(image, size, mode), size))
+def grid_offsets(length: int, size: int, grid: int) -> list[int]:
+  """`grid` crop offsets spread evenly over [0, length - size]; one crop is centred."""
+  if grid == 1:
+    return [(length - size) // 2]
+  return [round(i * (length - size) / (grid - 1)) for i in range(grid)]
+
+
+def eval_transform(image: np.ndarray, size: int, mode: str, grid: int = 1) -> np.ndarray:
+  """The deterministic views used for evaluation and prediction: uint8[grid * grid, size, size, 3].
+
+  A grid x grid set of crops spread evenly over the image (grid 1: the centre crop), so a
+  detector that sees native pixels through a small window still looks at the whole picture.
+  """
+  image = _fit(image, size, mode)
+  height, width = image.shape[:2]
+  return np.stack([crop(image, top, left, size) for top in grid_offsets(height, size, grid)
+                   for left in grid_offsets(width, size, grid)])

@@ -22,7 +22,7 @@ import optax
 
 from flax_detector import config_validation, input_pipeline, losses, metrics, sharding
 from flax_detector.checkpoint import Checkpointer, Topology, abstract_with_shardings
-from flax_detector.models import create_model
+from flax_detector.models import create_model, view_averaged_log_probs
 from flax_detector.preemption import PreemptionGuard
 
 
@@ -89,7 +89,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
 
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *, class_weights: np.ndarray) -> metrics.EvalMetrics:
-  logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False)
+  """Metrics of a global eval batch, each image classified by its views' averaged log-probabilities."""
+  logits = view_averaged_log_probs(state.apply_fn, {"params": state.params, "batch_stats": state.batch_stats},
+                                   batch["image"])
   _, per_example_loss, example_weight = losses.weighted_cross_entropy(
       logits, batch["label"], jnp.asarray(class_weights), batch["mask"])
   return metrics.EvalMetrics.single_from_model_output(

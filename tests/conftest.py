@@ -24,6 +24,7 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
   config.num_epochs = 2
   config.model.width_multiplier = 1 / 16
   config.data.worker_count = 0
+  config.data.eval_grid = 2
   config.data.synthetic_train_size = 160
   config.data.synthetic_test_size = 40
   config.data.synthetic_min_side = 32

@@ -53,6 +53,7 @@ def test_eval_pads_and_masks_so_every_example_counts_once(make_config):
   config = make_config()  # 40 test images, global eval batch 24: 2 steps, 8 padded slots
   shares = [_batches(config, index, 2, split="test") for index in range(2)]
   assert len(shares[0]) == len(shares[1]) == 2
+  assert shares[0][0]["image"].shape == (12, 4, 32, 32, 3)  # 2x2 eval views per image
   masks = np.concatenate([batch["mask"] for share in shares for batch in share])
   assert masks.sum() == 40 and masks.size == 48
   labels = np.concatenate([batch["label"][batch["mask"]] for share in shares for batch in share])

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flax_detector.models import VGG16, adaptive_avg_pool
+from flax_detector.models import VGG16, adaptive_avg_pool, view_averaged_log_probs
 
 
 def _param_count(model: VGG16, side: int = 224) -> int:
@@ -50,3 +50,19 @@ def test_adaptive_avg_pool_follows_torch_bins():
   small = jnp.asarray([10.0, 20.0]).reshape(1, 2, 1, 1) * jnp.ones((1, 2, 2, 1))
   rows = adaptive_avg_pool(small, 7)[0, :, 0, 0]
   np.testing.assert_allclose(rows, [10, 10, 10, 15, 20, 20, 20], rtol=1e-6)
+
+
+def test_view_averaged_log_probs_average_each_images_views():
+  per_image_logits = jnp.array([[2.0, 0.0], [0.0, 1.0], [3.0, 3.0], [0.0, -1.0]])
+
+  def apply_fn(variables, images, train):
+    del variables, train
+    return per_image_logits[images[:, 0, 0, 0].astype(jnp.int32)]  # pixel value picks a row
+
+  images = jnp.arange(4, dtype=jnp.uint8).reshape(2, 2, 1, 1, 1) * jnp.ones((2, 2, 4, 4, 3), jnp.uint8)
+  log_probs = view_averaged_log_probs(apply_fn, None, images)
+  views = jax.nn.log_softmax(per_image_logits, axis=-1).reshape(2, 2, 2)
+  np.testing.assert_allclose(log_probs, jax.nn.log_softmax(views.mean(axis=1), axis=-1), rtol=1e-6)
+  np.testing.assert_allclose(jnp.exp(log_probs).sum(-1), 1.0, rtol=1e-6)
+  single = view_averaged_log_probs(apply_fn, None, images[:, :1])
+  np.testing.assert_allclose(single, jax.nn.log_softmax(per_image_logits[jnp.array([0, 2])], axis=-1), rtol=1e-6)

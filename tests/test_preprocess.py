@@ -20,19 +20,28 @@ def test_crop_keeps_native_pixels_and_pads_small_images():
   windows = [(t, l) for t in range(9) for l in range(19) if np.array_equal(image[t:t + 32, l:l + 32], crop)]
   assert len(windows) == 1
   small = preprocess.eval_transform(_image(20, 40), 32, "crop")
-  assert small.shape == (32, 32, 3) and not small[20:].any()
+  assert small.shape == (1, 32, 32, 3) and not small[0, 20:].any()
 
 
 def test_resize_mode_scales_the_shorter_side():
   resized = preprocess.eval_transform(_image(64, 128), 32, "resize")
-  assert resized.shape == (32, 32, 3)
+  assert resized.shape == (1, 32, 32, 3)
   with pytest.raises(ValueError, match="data.preprocess"):
     preprocess.eval_transform(_image(64, 64), 32, "stretch")
 
 
 def test_eval_transform_is_a_centre_crop():
   image = _image(40, 40)
-  np.testing.assert_array_equal(preprocess.eval_transform(image, 32, "crop"), image[4:36, 4:36])
+  np.testing.assert_array_equal(preprocess.eval_transform(image, 32, "crop")[0], image[4:36, 4:36])
+
+
+def test_eval_grid_spreads_crops_over_the_whole_image():
+  image = _image(100, 70)
+  views = preprocess.eval_transform(image, 32, "crop", grid=3)
+  assert views.shape == (9, 32, 32, 3)
+  np.testing.assert_array_equal(views[0], image[:32, :32])  # top-left corner
+  np.testing.assert_array_equal(views[4], image[34:66, 19:51])  # centre
+  np.testing.assert_array_equal(views[8], image[68:, 38:])  # bottom-right corner
 
 
 def test_train_transform_is_a_function_of_its_rng():
