@@ -22,6 +22,9 @@
 set -euo pipefail
 
 readonly SCRIPT_NAME="local_multiprocess.sh"
+# The helpers log, die, usage_error, quote_cmd, is_true and option_value.
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 PROJECT_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 readonly PROJECT_ROOT
 
@@ -47,21 +50,6 @@ Arguments after '--' are passed to every process, e.g. -- --config.num_train_ste
 EOF
 }
 
-log() { printf '[%s] %s\n' "$SCRIPT_NAME" "$*" >&2; }
-die() { printf '[%s] error: %s\n' "$SCRIPT_NAME" "$*" >&2; exit 1; }
-usage_error() { printf '[%s] error: %s\n(see launch/%s --help)\n' "$SCRIPT_NAME" "$*" "$SCRIPT_NAME" >&2; exit 2; }
-
-# Prints its arguments as one shell-quoted command line that can be copied and pasted.
-quote_cmd() {
-  local out="" arg safe='^[A-Za-z0-9_./:=@%+,-]+$'
-  for arg in "$@"; do
-    if [[ $arg =~ $safe ]]; then out+="$arg "; else out+="'${arg//\'/\'\\\'\'}' "; fi
-  done
-  printf '%s' "${out% }"
-}
-
-is_true() { case "${1:-0}" in 1|true|TRUE|True|yes|YES|on|ON) return 0 ;; *) return 1 ;; esac; }
-
 # ---------------------------------------------------------------------------------------------
 # Options
 
@@ -76,19 +64,6 @@ LOG_DIR=""
 QUIET=0
 DRY_RUN_ENV="${DRY_RUN:-0}"; DRY_RUN=0; is_true "$DRY_RUN_ENV" && DRY_RUN=1
 MAIN_ARGS=()
-
-# Takes the value of option $1 from "--opt=value" ($2 is the whole word) or from the next word ($3),
-# which must not look like an option: "--workdir --dry-run" is an error, not a workdir.
-option_value() {
-  local name="$1" word="$2"
-  if [[ $word == --*=* ]]; then
-    OPT_VALUE="${word#*=}"; OPT_SHIFT=1
-  elif (($# >= 3)) && [[ $3 != -* ]]; then
-    OPT_VALUE="$3"; OPT_SHIFT=2
-  else
-    usage_error "$name needs a value (write $name=VALUE for a value that starts with '-')"
-  fi
-}
 
 parse_args() {
   while (($# > 0)); do

@@ -31,6 +31,9 @@
 set -euo pipefail
 
 readonly SCRIPT_NAME="tpu_vm.sh"
+# The helpers log, die, usage_error, quote_cmd, is_true and option_value.
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 PROJECT_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 readonly PROJECT_ROOT
 # Where the project and its virtualenv live on every worker (relative to the worker's home).
@@ -72,24 +75,6 @@ Polling interval while waiting for the TPU: TPU_POLL_SECONDS (30).
 EOF
 }
 
-log() { printf '[%s] %s\n' "$SCRIPT_NAME" "$*" >&2; }
-die() { printf '[%s] error: %s\n' "$SCRIPT_NAME" "$*" >&2; exit 1; }
-usage_error() { printf '[%s] error: %s\n(see launch/%s --help)\n' "$SCRIPT_NAME" "$*" "$SCRIPT_NAME" >&2; exit 2; }
-
-# Prints its arguments as one shell-quoted command line that can be copied and pasted: words made
-# only of safe characters stay bare, anything else is single-quoted.
-quote_cmd() {
-  local out="" arg safe='^[A-Za-z0-9_./:=@%+,-]+$'
-  for arg in "$@"; do
-    if [[ $arg =~ $safe ]]; then
-      out+="$arg "
-    else
-      out+="'${arg//\'/\'\\\'\'}' "
-    fi
-  done
-  printf '%s' "${out% }"
-}
-
 # Shows a command ("+ cmd": on stdout in a dry run, on stderr otherwise), then runs it unless this
 # is a dry run. Returns the command's exit status. Dry-run output goes to file descriptor 3, a copy
 # of the original stdout, so that it also shows from inside $(...).
@@ -101,8 +86,6 @@ run() {
   printf '+ %s\n' "$(quote_cmd "$@")" >&2
   "$@"
 }
-
-is_true() { case "${1:-0}" in 1|true|TRUE|True|yes|YES|on|ON) return 0 ;; *) return 1 ;; esac; }
 
 # ---------------------------------------------------------------------------------------------
 # Options
@@ -125,20 +108,6 @@ MAX_RETRIES="${MAX_RETRIES:-3}"
 POLL_SECONDS="${TPU_POLL_SECONDS:-30}"
 CREATE_ARGS=()
 MAIN_ARGS=()
-
-# Takes the value of option $1 from "--opt=value" ($2 is the whole word) or from the next word ($3),
-# which must not look like an option: "--workdir --dry-run" is an error, not a workdir.
-# Sets OPT_VALUE and OPT_SHIFT (how many words were used).
-option_value() {
-  local name="$1" word="$2"
-  if [[ $word == *=* ]]; then
-    OPT_VALUE="${word#*=}"; OPT_SHIFT=1
-  elif (($# >= 3)) && [[ $3 != -* ]]; then
-    OPT_VALUE="$3"; OPT_SHIFT=2
-  else
-    usage_error "$name needs a value (write $name=VALUE for a value that starts with '-')"
-  fi
-}
 
 parse_args() {
   while (($# > 0)); do

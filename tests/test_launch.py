@@ -21,7 +21,10 @@ LAUNCH = ROOT / "launch"
 TPU_VM = LAUNCH / "tpu_vm.sh"
 SLURM = LAUNCH / "slurm.sbatch"
 LOCAL = LAUNCH / "local_multiprocess.sh"
+COMMON = LAUNCH / "common.sh"  # sourced by tpu_vm.sh and local_multiprocess.sh, not run
 SCRIPTS = [TPU_VM, SLURM, LOCAL]
+GCLOUD_TPU_VM = ("gcloud", "compute", "tpus", "tpu-vm")
+GCLOUD_QUEUED = ("gcloud", "compute", "tpus", "queued-resources")
 
 POISON = """#!/usr/bin/env bash
 echo "$(basename "$0") $*" >> "$POISON_LOG"
@@ -53,6 +56,19 @@ def _run(script: Path, *args: str, env: dict[str, str], cwd: Path = ROOT, timeou
                         timeout=timeout, check=False)
 
 
+def _start(script: Path, *args: str, env: dict[str, str]) -> subprocess.Popen:
+  """_run in the background, for the tests that signal the script."""
+  return subprocess.Popen(["bash", str(script), *args], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def _dry_run(script: Path, *args: str, env: dict[str, str], cwd: Path = ROOT):
+  """Runs a dry run that must succeed; returns (result, its "+ cmd" lines split)."""
+  result = _run(script, *args, env=env, cwd=cwd)
+  assert result.returncode == 0, result.stderr
+  return result, _commands(result.stdout)
+
+
 def _commands(stdout: str) -> list[list[str]]:
   """The "+ cmd" lines of a dry run, each split as the shell would (so they must be well quoted)."""
   return [shlex.split(line[2:]) for line in stdout.splitlines() if line.startswith("+ ")]
@@ -72,16 +88,33 @@ def _option(cmd: list[str], name: str) -> str:
 # All scripts
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+@pytest.mark.parametrize("script", [*SCRIPTS, COMMON], ids=lambda p: p.name)
 def test_scripts_are_executable_and_parse(script):
-  assert os.access(script, os.X_OK)
+  assert os.access(script, os.X_OK) == (script != COMMON)
   assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
 def test_shellcheck_is_clean():
-  result = subprocess.run(["shellcheck", *map(str, SCRIPTS)], capture_output=True, text=True, check=False)
+  # -x: follow the scripts into the common.sh they source.
+  result = subprocess.run(["shellcheck", "-x", *map(str, [*SCRIPTS, COMMON])], capture_output=True, text=True,
+                          check=False)
   assert result.returncode == 0, result.stdout
+
+
+def test_common_helpers(tmp_path):
+  script = f"""SCRIPT_NAME=x.sh; source {shlex.quote(str(COMMON))}
+quote_cmd plain 'two words' "it's" --a=b; echo
+option_value --opt --opt=v=w; echo "$OPT_VALUE $OPT_SHIFT"
+option_value --opt --opt value --next; echo "$OPT_VALUE $OPT_SHIFT"
+is_true yes && ! is_true 0 && ! is_true '' && echo bools
+option_value --opt --opt --dry-run"""
+  result = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, check=False)
+  lines = result.stdout.splitlines()
+  assert shlex.split(lines[0]) == ["plain", "two words", "it's", "--a=b"] and lines[0].startswith("plain ")
+  assert lines[1:] == ["v=w 1", "value 2", "bools"]
+  assert result.returncode == 2
+  assert result.stderr.startswith("[x.sh] error: --opt needs a value") and "see launch/x.sh --help" in result.stderr
 
 
 # ------------------------------------------------------------------------------------------------
@@ -92,17 +125,15 @@ TPU_ARGS = ("--zone=us-west4-a", "--workdir=gs://bucket/runs/vgg16", "--name=my-
 
 def test_tpu_dry_run_creates_copies_installs_trains_and_deletes(sandbox):
   env, _, _ = sandbox
-  result = _run(TPU_VM, *TPU_ARGS, "--", "--config.data.dir=gs://bucket/data", "--config.note=two words", env=env)
-  assert result.returncode == 0, result.stderr
-  commands = _commands(result.stdout)
-  gcloud_tpu = ("gcloud", "compute", "tpus", "tpu-vm")
+  _, commands = _dry_run(TPU_VM, *TPU_ARGS, "--", "--config.data.dir=gs://bucket/data", "--config.note=two words",
+                         env=env)
 
-  [create] = _find(commands, *gcloud_tpu, "create")
+  [create] = _find(commands, *GCLOUD_TPU_VM, "create")
   assert commands[create][5] == "my-tpu"
   assert "--zone=us-west4-a" in commands[create]
   assert _option(commands[create], "--accelerator-type") == "v5litepod-16"
   assert _option(commands[create], "--version") == "v2-alpha-tpuv5-lite"
-  assert not _find(commands, "gcloud", "compute", "tpus", "queued-resources")
+  assert not _find(commands, *GCLOUD_QUEUED)
 
   # `git archive HEAD` in a checkout, else a tar of the folder.
   [archive] = _find(commands, "git", "-C", str(ROOT), "archive") or _find(commands, "tar", "-czf")
@@ -111,11 +142,11 @@ def test_tpu_dry_run_creates_copies_installs_trains_and_deletes(sandbox):
     tarball = _option(commands[archive], "--output")
   else:
     tarball = commands[archive][2]
-  [scp] = _find(commands, *gcloud_tpu, "scp")
+  [scp] = _find(commands, *GCLOUD_TPU_VM, "scp")
   assert commands[scp][5:7] == [tarball, "my-tpu:flax_detector.tar.gz"]
   assert "--worker=all" in commands[scp]
 
-  install, train = _find(commands, *gcloud_tpu, "ssh")
+  install, train = _find(commands, *GCLOUD_TPU_VM, "ssh")
   for i in (install, train):
     assert commands[i][5] == "my-tpu" and "--worker=all" in commands[i] and "--zone=us-west4-a" in commands[i]
   install_script = _option(commands[install], "--command")
@@ -130,36 +161,33 @@ def test_tpu_dry_run_creates_copies_installs_trains_and_deletes(sandbox):
                                "--config.data.dir=gs://bucket/data", "--config.note=two words"]
   assert not any(word.startswith(("--coordinator_address", "--process_id")) for word in remote)
 
-  [delete] = _find(commands, *gcloud_tpu, "delete")
+  [delete] = _find(commands, *GCLOUD_TPU_VM, "delete")
   assert commands[delete][5] == "my-tpu" and "--quiet" in commands[delete]
   assert archive < create < scp < install < train < delete
 
 
 def test_tpu_dry_run_keep_does_not_delete(sandbox):
   env, _, _ = sandbox
-  result = _run(TPU_VM, *TPU_ARGS, "--keep", env=env)
-  assert result.returncode == 0, result.stderr
-  commands = _commands(result.stdout)
-  assert _find(commands, "gcloud", "compute", "tpus", "tpu-vm", "create")
+  result, commands = _dry_run(TPU_VM, *TPU_ARGS, "--keep", env=env)
+  assert _find(commands, *GCLOUD_TPU_VM, "create")
   assert not [cmd for cmd in commands if "delete" in cmd]
   assert "left running" in result.stderr
 
 
 def test_tpu_dry_run_queued_resource(sandbox):
   env, _, _ = sandbox
-  result = _run(TPU_VM, *TPU_ARGS, "--queued", "--spot", "--project=my-project", "--accelerator-type=v4-32", env=env)
-  assert result.returncode == 0, result.stderr
-  commands = _commands(result.stdout)
-  [create] = _find(commands, "gcloud", "compute", "tpus", "queued-resources", "create")
+  _, commands = _dry_run(TPU_VM, *TPU_ARGS, "--queued", "--spot", "--project=my-project", "--accelerator-type=v4-32",
+                         env=env)
+  [create] = _find(commands, *GCLOUD_QUEUED, "create")
   assert commands[create][5] == "my-tpu"
   assert _option(commands[create], "--node-id") == "my-tpu"
   assert _option(commands[create], "--runtime-version") == "tpu-ubuntu2204-base"
   assert "--spot" in commands[create]
-  assert not _find(commands, "gcloud", "compute", "tpus", "tpu-vm", "create")
+  assert not _find(commands, *GCLOUD_TPU_VM, "create")
   # It waits on the queued resource's state, then runs on the node it made.
-  assert _find(commands, "gcloud", "compute", "tpus", "queued-resources", "describe")
+  assert _find(commands, *GCLOUD_QUEUED, "describe")
   assert all("--project=my-project" in cmd for cmd in commands if cmd[0] == "gcloud")
-  [delete] = _find(commands, "gcloud", "compute", "tpus", "queued-resources", "delete")
+  [delete] = _find(commands, *GCLOUD_QUEUED, "delete")
   assert "--force" in commands[delete]
 
 
@@ -167,29 +195,30 @@ def test_tpu_options_from_environment(sandbox):
   env, _, _ = sandbox
   env = {**env, "TPU_ZONE": "europe-west4-a", "WORKDIR": "gs://b/w", "TPU_NAME": "env-tpu", "DRY_RUN": "1",
          "TPU_ACCELERATOR_TYPE": "v6e-16", "TPU_PREEMPTIBLE": "1", "CONFIG": "configs/vgg16.py:cpu"}
-  result = _run(TPU_VM, env=env)
-  assert result.returncode == 0, result.stderr
-  commands = _commands(result.stdout)
-  [create] = _find(commands, "gcloud", "compute", "tpus", "tpu-vm", "create")
+  _, commands = _dry_run(TPU_VM, env=env)
+  [create] = _find(commands, *GCLOUD_TPU_VM, "create")
   assert commands[create][5] == "env-tpu" and "--zone=europe-west4-a" in commands[create]
   assert _option(commands[create], "--version") == "v2-alpha-tpuv6e" and "--preemptible" in commands[create]
-  train = _find(commands, "gcloud", "compute", "tpus", "tpu-vm", "ssh")[-1]
+  train = _find(commands, *GCLOUD_TPU_VM, "ssh")[-1]
   assert "--config=configs/vgg16.py:cpu --workdir=gs://b/w" in _option(commands[train], "--command")
 
 
-@pytest.mark.parametrize("args, message", [
-    (("--workdir=gs://b/w",), "--zone is required"),
-    (("--zone=us-west4-a",), "--workdir is required"),
-    (("--zone=z", "--workdir=gs://b/w", "--accelerator-type=v9-8"), "--runtime-version"),
-    (("--zone=z", "--workdir=gs://b/w", "--spot", "--preemptible"), "--preemptible"),
-    (("--zone=z", "--workdir=gs://b/w", "--max-retries=many"), "--max-retries"),
-    (("--zone=z", "--workdir=gs://b/w", "--name=Bad_Name"), "--name"),
-    (("--zone=z", "--workdir=gs://b/w", "--bogus"), "--bogus"),
-    (("--zone=z", "--workdir"), "--workdir needs a value"),
-])
-def test_tpu_bad_options_fail_naming_the_option(sandbox, args, message):
+@pytest.mark.parametrize("script, args, message", [
+    (TPU_VM, ("--workdir=gs://b/w",), "--zone is required"),
+    (TPU_VM, ("--zone=us-west4-a",), "--workdir is required"),
+    (TPU_VM, ("--zone=z", "--workdir=gs://b/w", "--accelerator-type=v9-8"), "--runtime-version"),
+    (TPU_VM, ("--zone=z", "--workdir=gs://b/w", "--spot", "--preemptible"), "--preemptible"),
+    (TPU_VM, ("--zone=z", "--workdir=gs://b/w", "--max-retries=many"), "--max-retries"),
+    (TPU_VM, ("--zone=z", "--workdir=gs://b/w", "--name=Bad_Name"), "--name"),
+    (TPU_VM, ("--zone=z", "--workdir=gs://b/w", "--bogus"), "--bogus"),
+    (TPU_VM, ("--zone=z", "--workdir"), "--workdir needs a value"),
+    (LOCAL, (), "--workdir is required"),
+    (LOCAL, ("--workdir=w", "-n", "0"), "--num-processes"),
+    (LOCAL, ("--workdir=w", "--port=http"), "--port"),
+], ids=lambda value: value.name if isinstance(value, Path) else None)
+def test_bad_options_fail_naming_the_option(sandbox, script, args, message):
   env, _, _ = sandbox
-  result = _run(TPU_VM, "--dry-run", *args, env=env)
+  result = _run(script, "--dry-run", *args, env=env)
   assert result.returncode != 0
   assert message in result.stderr
   assert not _commands(result.stdout)
@@ -231,13 +260,21 @@ esac
 """
 
 
-@pytest.fixture
-def fake_gcloud(sandbox):
+def _install_fakes(sandbox, fakes: dict[str, str]) -> tuple[dict[str, str], Path]:
+  """Puts the fake tools (name: script) first on the sandbox's PATH; returns (env, fake_dir), with
+  FAKE_DIR=fake_dir in env, the folder where the fakes keep their state."""
   env, bin_dir, tmp_path = sandbox
-  _write_executable(bin_dir / "gcloud", FAKE_GCLOUD)
+  for name, text in fakes.items():
+    _write_executable(bin_dir / name, text)
   fake_dir = tmp_path / "fake"
   fake_dir.mkdir()
-  env = {**env, "FAKE_DIR": str(fake_dir), "TPU_POLL_SECONDS": "0"}
+  return {**env, "FAKE_DIR": str(fake_dir)}, fake_dir
+
+
+@pytest.fixture
+def fake_gcloud(sandbox):
+  env, fake_dir = _install_fakes(sandbox, {"gcloud": FAKE_GCLOUD})
+  env = {**env, "TPU_POLL_SECONDS": "0"}
 
   def run(outcomes: str, *args: str, **extra_env: str):
     result = _run(TPU_VM, "--zone=z", "--workdir=gs://b/w", "--name=fake-tpu", *args,
@@ -306,9 +343,7 @@ def test_slurm_dry_run_prints_srun(sandbox):
   env, _, tmp_path = sandbox
   env = {**env, "DRY_RUN": "1", "WORKDIR": "/shared/runs/x", "CONFIG": "configs/vgg16.py:cpu",
          "EXTRA_ARGS": "--config.num_epochs=3 --config.data.dir=/shared/data", "VENV": str(tmp_path / "venv")}
-  result = _run(SLURM, "--config.seed=7", env=env)
-  assert result.returncode == 0, result.stderr
-  commands = _commands(result.stdout)
+  _, commands = _dry_run(SLURM, "--config.seed=7", env=env)
   [srun] = [cmd for cmd in commands if cmd[0] == "srun"]
   main = srun.index("-m")
   assert srun[main - 1:main + 2] == ["python", "-m", "flax_detector.main"]
@@ -322,10 +357,9 @@ def test_slurm_dry_run_prints_srun(sandbox):
 
 def test_slurm_dry_run_one_task_per_gpu_leaves_jax_defaults(sandbox):
   env, _, _ = sandbox
-  result = _run(SLURM, env={**env, "DRY_RUN": "1", "WORKDIR": "w", "SLURM_NTASKS_PER_NODE": "8"})
-  assert result.returncode == 0, result.stderr
+  result, commands = _dry_run(SLURM, env={**env, "DRY_RUN": "1", "WORKDIR": "w", "SLURM_NTASKS_PER_NODE": "8"})
   assert "JAX_LOCAL_DEVICE_IDS" not in result.stdout
-  assert _commands(result.stdout)[-1][:2] == ["srun", "--kill-on-bad-exit=1"]
+  assert commands[-1][:2] == ["srun", "--kill-on-bad-exit=1"]
 
 
 def test_slurm_needs_workdir_and_a_job(sandbox):
@@ -350,20 +384,15 @@ echo "$*" >> "$FAKE_DIR/scontrol"
 
 @pytest.fixture
 def fake_slurm(sandbox):
-  env, bin_dir, tmp_path = sandbox
-  _write_executable(bin_dir / "srun", FAKE_SRUN)
-  _write_executable(bin_dir / "scontrol", FAKE_SCONTROL)
-  fake_dir = tmp_path / "fake"
-  fake_dir.mkdir()
-  env = {**env, "FAKE_DIR": str(fake_dir), "WORKDIR": str(tmp_path / "run"), "SLURM_JOB_ID": "42",
+  env, fake_dir = _install_fakes(sandbox, {"srun": FAKE_SRUN, "scontrol": FAKE_SCONTROL})
+  env = {**env, "WORKDIR": str(sandbox[2] / "run"), "SLURM_JOB_ID": "42",
          "SLURM_JOB_NUM_NODES": "2", "SLURM_NTASKS": "2", "SLURM_SUBMIT_DIR": str(ROOT)}
   return env, fake_dir
 
 
 def test_slurm_forwards_sigterm_and_requeues(fake_slurm):
   env, fake_dir = fake_slurm
-  process = subprocess.Popen(["bash", str(SLURM)], env={**env, "FAKE_SRUN": "wait"}, cwd=ROOT,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  process = _start(SLURM, env={**env, "FAKE_SRUN": "wait"})
   _wait_for(fake_dir / "srun_started")
   process.send_signal(signal.SIGTERM)  # what --signal=B:TERM@120 does before the time limit
   _, stderr = process.communicate(timeout=10)
@@ -380,10 +409,11 @@ def test_slurm_passes_the_exit_status_without_requeue(fake_slurm):
   assert not (fake_dir / "scontrol").exists()
 
 
-def _wait_for(path: Path, timeout: float = 10) -> None:
+def _wait_for(path: Path, text: str = "", timeout: float = 10) -> None:
+  """Waits until the file exists and contains text."""
   deadline = time.monotonic() + timeout
-  while not path.exists():
-    assert time.monotonic() < deadline, f"{path} never appeared"
+  while not (path.exists() and text in path.read_text()):
+    assert time.monotonic() < deadline, f"{path} never appeared" if not path.exists() else f"no {text!r} in {path}"
     time.sleep(0.02)
 
 
@@ -394,9 +424,9 @@ def _wait_for(path: Path, timeout: float = 10) -> None:
 def test_local_dry_run_prints_one_command_per_process(sandbox):
   env, _, tmp_path = sandbox
   workdir = tmp_path / "run"
-  result = _run(LOCAL, f"--workdir={workdir}", "-n", "3", "--devices-per-process=4", "--dry-run", "--",
-                "--config.num_train_steps=5", env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
-  assert result.returncode == 0, result.stderr
+  result, commands = _dry_run(LOCAL, f"--workdir={workdir}", "-n", "3", "--devices-per-process=4", "--dry-run", "--",
+                              "--config.num_train_steps=5",
+                              env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
   lines = [line for line in result.stdout.splitlines() if "flax_detector.main" in line]
   assert len(lines) == 3
   addresses, ids = set(), []
@@ -414,31 +444,19 @@ def test_local_dry_run_prints_one_command_per_process(sandbox):
   [address] = addresses
   host, port = address.split(":")
   assert host == "127.0.0.1" and 0 < int(port) < 65536
-  assert ["mkdir", "-p", f"{workdir}/logs"] in _commands(result.stdout)
+  assert ["mkdir", "-p", f"{workdir}/logs"] in commands
   assert not (workdir / "logs").exists()
 
 
 def test_local_dry_run_port_and_relative_paths(sandbox):
   env, _, tmp_path = sandbox
-  result = _run(LOCAL, "--workdir", "rel/run", "--port=4567", "--dry-run", env=env, cwd=tmp_path)
-  assert result.returncode == 0, result.stderr
-  commands = [cmd for cmd in _commands(result.stdout) if "flax_detector.main" in cmd]
+  _, all_commands = _dry_run(LOCAL, "--workdir", "rel/run", "--port=4567", "--dry-run", env=env, cwd=tmp_path)
+  commands = [cmd for cmd in all_commands if "flax_detector.main" in cmd]
   assert len(commands) == 2
   # The processes run from the project root: a workdir relative to the caller is made absolute.
   assert {_option(cmd, "--workdir") for cmd in commands} == {f"{tmp_path}/rel/run"}
   assert {_option(cmd, "--coordinator_address") for cmd in commands} == {"127.0.0.1:4567"}
-  assert ["cd", str(ROOT)] in _commands(result.stdout)
-
-
-@pytest.mark.parametrize("args, message", [
-    ((), "--workdir is required"),
-    (("--workdir=w", "-n", "0"), "--num-processes"),
-    (("--workdir=w", "--port=http"), "--port"),
-])
-def test_local_bad_options_fail_naming_the_option(sandbox, args, message):
-  env, _, _ = sandbox
-  result = _run(LOCAL, "--dry-run", *args, env=env)
-  assert result.returncode != 0 and message in result.stderr
+  assert ["cd", str(ROOT)] in all_commands
 
 
 FAKE_PYTHON = r"""#!/usr/bin/env bash
@@ -456,8 +474,8 @@ exit 9
 
 @pytest.fixture
 def fake_python(sandbox):
-  env, bin_dir, tmp_path = sandbox
-  _write_executable(bin_dir / "fake-python", FAKE_PYTHON)
+  env, _ = _install_fakes(sandbox, {"fake-python": FAKE_PYTHON})
+  _, bin_dir, tmp_path = sandbox
   return env, str(bin_dir / "fake-python"), tmp_path / "run"
 
 
@@ -487,16 +505,10 @@ def test_local_failure_stops_the_others_and_exits_nonzero(fake_python):
 
 def test_local_forwards_sigterm_to_every_process(fake_python):
   env, python, workdir = fake_python
-  process = subprocess.Popen(["bash", str(LOCAL), f"--workdir={workdir}", "-n", "2", f"--python={python}",
-                              "--port=4567", "--quiet"], env={**env, "FAKE_MODE": "wait"}, cwd=ROOT,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  process = _start(LOCAL, f"--workdir={workdir}", "-n", "2", f"--python={python}", "--port=4567", "--quiet",
+                   env={**env, "FAKE_MODE": "wait"})
   for i in range(2):
-    log = workdir / "logs" / f"process_{i}.log"
-    _wait_for(log)
-    deadline = time.monotonic() + 10
-    while "JAX_PLATFORMS" not in log.read_text():  # printed once its TERM trap is set
-      assert time.monotonic() < deadline
-      time.sleep(0.02)
+    _wait_for(workdir / "logs" / f"process_{i}.log", "JAX_PLATFORMS")  # printed once its TERM trap is set
   process.send_signal(signal.SIGTERM)
   _, stderr = process.communicate(timeout=10)
   assert process.returncode == 143, stderr
