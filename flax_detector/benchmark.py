@@ -8,6 +8,7 @@ the way), the compile time and the per-device memory of parameters and optimizer
 rates bound a real run: it goes as fast as the slower of them.
 """
 
+import contextlib
 import json
 import time
 from typing import Any
@@ -34,16 +35,13 @@ def benchmark_input(config: ml_collections.ConfigDict, steps: int, warmup: int) 
   dataset = input_pipeline.train_dataset(splits.train, config, jax.process_index(), jax.process_count())
   if len(dataset) < steps + warmup:
     raise ValueError(f"--steps={steps} + --warmup={warmup} exceed the {len(dataset)} training batches of this config")
-  iterator = input_pipeline.make_iterator(dataset, config.data.worker_count, config.data.worker_buffer_size)
-  try:
+  with contextlib.closing(input_pipeline.make_iterator(dataset, config.data.worker_count,
+                                                      config.data.worker_buffer_size)) as iterator:
     for _ in range(warmup):
       next(iterator)
     start = time.perf_counter()
     images = sum(len(next(iterator)["label"]) for _ in range(steps))
     seconds = time.perf_counter() - start
-  finally:
-    if hasattr(iterator, "close"):
-      iterator.close()
   return {"input_images_per_second": images / seconds, "input_worker_count": config.data.worker_count}
 
 

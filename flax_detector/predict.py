@@ -6,9 +6,11 @@ get a warning on stderr and no row; the exit code is non-zero only when no image
 
 from collections.abc import Iterator, Sequence
 from concurrent import futures
+import contextlib
 import csv
 import json
 import sys
+from typing import Any
 
 from absl import app, flags, logging
 from etils import epath
@@ -93,17 +95,18 @@ def predict(workdir: str, paths: Sequence[str], output: str | None, batch_size: 
   logging.info("Loaded checkpoint step %d from %s", step, workdir_path)
 
   @jax.jit
-  def probabilities(images: jax.Array) -> jax.Array:
+  def probabilities(variables: Any, images: jax.Array) -> jax.Array:
+    # Variables are an argument, not a closure: as constants they would be baked into the program.
     return jnp.exp(view_averaged_log_probs(model.apply, variables, images))
 
   batch_sharding = sharding.batch_sharding(mesh)
   written = 0
-  with (open(output, "w", newline="") if output else sys.stdout) as stream:
+  with open(output, "w", newline="") if output else contextlib.nullcontext(sys.stdout) as stream:
     writer = csv.writer(stream)
     writer.writerow(["path", "p_ai", "label"])
     for batch_paths, images in _decoded_batches(expand_paths(paths), batch_size, config.image_size,
                                                 config.data.preprocess, config.data.get("eval_grid", 1)):
-      probs = np.asarray(probabilities(jax.device_put(images, batch_sharding)))[:len(batch_paths)]
+      probs = np.asarray(probabilities(variables, jax.device_put(images, batch_sharding)))[:len(batch_paths)]
       for path, row in zip(batch_paths, probs):
         writer.writerow([path, f"{row[positive]:.6f}", class_names[int(np.argmax(row))]])
       written += len(batch_paths)
@@ -114,7 +117,12 @@ def main(argv: list[str]) -> None:
   paths = argv[1:]
   if not paths:
     raise app.UsageError("Give one or more image files or folders to classify.")
-  if predict(FLAGS.workdir, paths, FLAGS.output, FLAGS.batch_size) == 0:
+  try:
+    written = predict(FLAGS.workdir, paths, FLAGS.output, FLAGS.batch_size)
+  except (FileNotFoundError, ValueError) as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+  if written == 0:
     print("error: no readable image among the given paths", file=sys.stderr)
     sys.exit(1)
 

@@ -104,9 +104,11 @@ def evaluate(eval_step_fn: Any, state: TrainState, dataset: grain.MapDataset, co
   """Runs the whole split through `eval_step_fn`; every example counts exactly once."""
   positive = list(config.data.class_names).index(config.data.positive_class)
   accumulated = None
-  for local_batch in input_pipeline.make_iterator(dataset, config.data.worker_count, config.data.worker_buffer_size):
-    batch_metrics = eval_step_fn(state, sharding.to_global_batch(local_batch, batch_sharding))
-    accumulated = batch_metrics if accumulated is None else accumulated.merge(batch_metrics)
+  iterator = input_pipeline.make_iterator(dataset, config.data.worker_count, config.data.worker_buffer_size)
+  with contextlib.closing(iterator):
+    for local_batch in iterator:
+      batch_metrics = eval_step_fn(state, sharding.to_global_batch(local_batch, batch_sharding))
+      accumulated = batch_metrics if accumulated is None else accumulated.merge(batch_metrics)
   return metrics.summarize_eval(accumulated, positive)
 
 
@@ -266,8 +268,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         workdir_path / "checkpoints", _every(config.checkpoint_every_steps, experiment.steps_per_epoch),
         config.max_checkpoints_to_keep, Topology(jax.process_count(), config.data.worker_count)))
     state, train_iterator = _restore_or_initialize(experiment, checkpointer)
-    if hasattr(train_iterator, "close"):
-      cleanup.callback(train_iterator.close)
+    cleanup.callback(train_iterator.close)
     _log_start(experiment, state, workdir_path, writer)
     state, preempted = _train(experiment, state, train_iterator, checkpointer, writer)
     if preempted:
