@@ -9,6 +9,7 @@ numpy's Generator seeded with (seed, record, epoch).
 Batches are dicts {"image": uint8[b, S, S, 3], "label": int32[b], "mask": bool[b]} of the
 process-local share b = B / P; eval images carry a views axis, uint8[b, V, S, S, 3]. Evaluation pads the split to whole global batches with masked
 examples, so every process runs the same number of steps and every example counts exactly once.
+An unreadable file is masked out of its batch with a warning naming it, instead of ending the run.
 """
 
 import dataclasses
@@ -21,6 +22,7 @@ import numpy as np
 
 from flax_detector import preprocess
 from flax_detector.data import array_record
+from flax_detector.data.decode import UnreadableImageError
 from flax_detector.data.folder import ImageFolderSource
 from flax_detector.data.sources import ImageSource, class_counts, split_off_validation
 from flax_detector.data.synthetic import SyntheticSource
@@ -82,6 +84,18 @@ class _RecordAndEpoch(grain.transforms.MapWithIndex):
     return record, index // self._num_records
 
 
+def _read_or_skip(source: ImageSource, index: int) -> np.ndarray | None:
+  """The decoded image, or None with a warning naming the file when it cannot be read.
+
+  One unreadable file among 22k should cost one masked example, not a crashed run hours in.
+  """
+  try:
+    return source[index][0]
+  except UnreadableImageError as error:
+    logging.warning("%s -- it is masked out of its batch and skipped.", error)
+    return None
+
+
 class _LoadTrainBatch(grain.transforms.Map):
   """Reads, decodes and augments one process-local training batch, inside a Grain worker."""
 
@@ -90,34 +104,40 @@ class _LoadTrainBatch(grain.transforms.Map):
     self._source, self._seed, self._image_size, self._mode, self._options = source, seed, image_size, mode, options
 
   def map(self, positions: tuple[np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
-    images, labels = [], []
-    for record, epoch in zip(*positions):
-      image, label = self._source[int(record)]
+    records, epochs = positions
+    images, mask = [], []
+    for record, epoch in zip(records, epochs):
+      image = _read_or_skip(self._source, int(record))
+      mask.append(image is not None)
+      if image is None:
+        images.append(np.zeros((self._image_size, self._image_size, 3), np.uint8))
+        continue
       rng = np.random.default_rng((self._seed, int(record), int(epoch)))
       images.append(preprocess.train_transform(image, self._image_size, self._mode, self._options, rng))
-      labels.append(label)
-    return {"image": np.stack(images), "label": np.asarray(labels, np.int32),
-            "mask": np.ones(len(labels), bool)}
+    return {"image": np.stack(images), "label": self._source.labels[records].astype(np.int32),
+            "mask": np.asarray(mask, bool)}
 
 
 class _LoadEvalBatch(grain.transforms.Map):
-  """Decodes one process-local eval batch of [b, views, S, S, 3]; positions past the split are masked padding."""
+  """Decodes one process-local eval batch of [b, views, S, S, 3]; padding and unreadable files are masked."""
 
   def __init__(self, source: ImageSource, image_size: int, mode: str, grid: int):
     self._source, self._image_size, self._mode, self._grid = source, image_size, mode, grid
 
   def map(self, positions: np.ndarray) -> dict[str, np.ndarray]:
-    images, labels = [], []
-    mask = positions < len(self._source)
-    for position, real in zip(positions, mask):
-      if real:
-        image, label = self._source[int(position)]
-        images.append(preprocess.eval_transform(image, self._image_size, self._mode, self._grid))
-      else:
+    num_records = len(self._source)
+    images, mask = [], []
+    for position in positions:
+      image = _read_or_skip(self._source, int(position)) if position < num_records else None
+      mask.append(image is not None)
+      if image is None:
         images.append(np.zeros((self._grid**2, self._image_size, self._image_size, 3), np.uint8))
-        label = 0
-      labels.append(label)
-    return {"image": np.stack(images), "label": np.asarray(labels, np.int32), "mask": mask}
+      else:
+        images.append(preprocess.eval_transform(image, self._image_size, self._mode, self._grid))
+    labels = np.zeros(len(positions), np.int32)
+    real = positions < num_records
+    labels[real] = self._source.labels[positions[real]]
+    return {"image": np.stack(images), "label": labels, "mask": np.asarray(mask, bool)}
 
 
 def train_dataset(source: ImageSource, config: ml_collections.ConfigDict, process_index: int,

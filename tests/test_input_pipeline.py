@@ -100,3 +100,27 @@ def test_bad_batch_sizes_are_named(make_config):
   splits = input_pipeline.load_splits(config)
   with pytest.raises(ValueError, match="batch_size=15"):
     input_pipeline.train_dataset(splits.train, config, 0, 2)
+
+
+def test_an_unreadable_file_is_masked_with_a_warning_naming_it(make_config, tmp_path, caplog):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  for split in ("train", "test"):
+    for label, name in enumerate(("human-art", "ai-generated")):
+      folder = tmp_path / split / name
+      folder.mkdir(parents=True)
+      for index in range(8):
+        Image.new("RGB", (40, 36), (label * 200, index * 20, 0)).save(folder / f"{index}.png")
+  (tmp_path / "train/human-art/broken.png").write_bytes(b"not a png")
+  (tmp_path / "test/ai-generated/broken.png").write_bytes(b"not a png")
+  config = make_config(data__dir=str(tmp_path), data__val_fraction=0.0, batch_size=8, num_epochs=1)
+  splits = input_pipeline.load_splits(config)
+  broken = splits.train.keys.index("train/human-art/broken.png")
+  train = input_pipeline.train_dataset(splits.train, config, 0, 1)
+  batches = [train[i] for i in range(len(train))]
+  masked = np.concatenate([batch["mask"] for batch in batches])
+  assert masked.sum() == masked.size - 1  # the one broken record, wherever the shuffle put it
+  test = input_pipeline.eval_dataset(splits.test, config, 0, 1)
+  test_masks = np.concatenate([test[i]["mask"] for i in range(len(test))])
+  assert test_masks.sum() == 16
+  assert "broken.png" in caplog.text and splits.train.labels[broken] == 0
