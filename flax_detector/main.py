@@ -20,12 +20,24 @@ flags.DEFINE_string("coordinator_address", None,
                     "(SLURM and Cloud TPU VMs are detected; then leave the three flags unset).")
 flags.DEFINE_integer("num_processes", None, "Number of processes of the job (with --coordinator_address).")
 flags.DEFINE_integer("process_id", None, "This process's index in 0..num_processes-1 (with --coordinator_address).")
+flags.DEFINE_bool("verbose_libraries", False, "Keep Orbax's and Grain's INFO log lines (checkpoint internals).")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _LibraryInfoFilter(logging.logging.Filter):
+  """Drops Orbax's and Grain's INFO chatter (dozens of lines per checkpoint); their warnings still pass."""
+
+  _QUIET = ("/orbax/", "/grain/")
+
+  def filter(self, record: logging.logging.LogRecord) -> bool:
+    return record.levelno >= logging.logging.WARNING or not any(part in record.pathname for part in self._QUIET)
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not FLAGS.verbose_libraries:
+    logging.get_absl_handler().addFilter(_LibraryInfoFilter())
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   # Imported here, not at the top: Grain's worker processes re-import this module when they start,
   # and should not pay for TensorFlow (pulled in by CLU's writers) to decode images.
