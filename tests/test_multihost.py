@@ -89,3 +89,18 @@ def test_sigterm_on_every_host_saves_and_the_rerun_finishes_identically(referenc
   np.testing.assert_allclose([resumed[s] for s in range(1, 64)], reference_losses, rtol=0, atol=LATE_ATOL * 5)
   moved = json.loads((interrupted / "final_metrics.json").read_text())
   assert moved["num_examples"] == reference["num_examples"] and moved["checkpoint_step"] == 63
+
+
+def test_sigterm_on_a_single_process_run_saves_and_resumes(reference_2x2, tmp_path):
+  processes = start_job(tmp_path, 1, 4, FLAGS)
+  _wait_for_step(tmp_path / "process_0.log", 5)
+  processes[0].send_signal(signal.SIGTERM)
+  wait_job(processes, tmp_path)  # exit code 0
+  stopped_at = _checkpoint_steps(tmp_path)[-1]
+  assert 5 <= stopped_at < 63 and not (tmp_path / "final_metrics.json").exists()
+  assert "Preempted at step" in (tmp_path / "process_0.log").read_text()
+  run_job(tmp_path, 1, 4, FLAGS)
+  resumed = read_scalars(tmp_path)["train_loss"]
+  assert sorted(resumed) == list(range(1, 64))
+  assert_same_series(np.array([resumed[s] for s in range(1, 64)])[:30], series(reference_2x2, "train_loss")[:30])
+  assert json.loads((tmp_path / "final_metrics.json").read_text())["checkpoint_step"] == 63
