@@ -16,8 +16,9 @@ FIXED_SCALARS = ("train_loss", "train_accuracy", "learning_rate", "eval_loss", "
                  "eval_recall", "eval_f1")
 
 
-def test_a_few_steps_lower_the_loss(make_config):
-  config = make_config(model__dropout_rate=0.0)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_few_steps_lower_the_loss(make_config, dtype):
+  config = make_config(model__dropout_rate=0.0, model__dtype=dtype)
   splits = input_pipeline.load_splits(config)
   batch = input_pipeline.train_dataset(splits.train, config, 0, 1)[0]
   model = create_model(config.model, 2)
@@ -29,6 +30,7 @@ def test_a_few_steps_lower_the_loss(make_config):
     losses.append(float(step_metrics.compute()["train_loss"]))
   assert int(state.step) == 15
   assert losses[-1] < 0.5 * losses[0], losses
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state.params))  # params stay float32
 
 
 def test_learning_rate_warms_up_then_decays_to_zero(make_config):
