@@ -31,8 +31,9 @@ class Topology:
 
 def absolute_path(directory: epath.PathLike) -> epath.Path:
   """Orbax (TensorStore) rejects relative paths; `--workdir=runs/demo` is relative to the current folder."""
-  path = epath.Path(directory)
-  return path if "://" in str(directory) else epath.Path(os.path.abspath(os.fspath(directory)))
+  if "://" in str(directory):
+    return epath.Path(directory)
+  return epath.Path(os.path.abspath(os.fspath(directory)))
 
 
 class Checkpointer:

@@ -67,15 +67,19 @@ def test_resumed_run_matches_an_uninterrupted_one_bitwise(trained_workdir, make_
   resumed = train.train_and_evaluate(config, str(tmp_path))
   assert resumed["checkpoint_step"] == total
 
+  _assert_same_final_variables(trained_workdir, tmp_path, config)
+  assert resumed == json.loads((trained_workdir / "final_metrics.json").read_text())
+
+
+def _assert_same_final_variables(workdir_a, workdir_b, config):
   model = create_model(config.model, 2)
   abstract = jax.eval_shape(lambda: model.init({"params": jax.random.PRNGKey(0)},
                                                jnp.zeros((1, 32, 32, 3), jnp.uint8), train=False))
   abstract = {"params": abstract["params"], "batch_stats": abstract["batch_stats"]}
-  uninterrupted_vars, _ = restore_model_variables(trained_workdir / "checkpoints", abstract)
-  resumed_vars, _ = restore_model_variables(tmp_path / "checkpoints", abstract)
-  for a, b in zip(jax.tree.leaves(uninterrupted_vars), jax.tree.leaves(resumed_vars), strict=True):
+  variables_a, _ = restore_model_variables(workdir_a / "checkpoints", abstract)
+  variables_b, _ = restore_model_variables(workdir_b / "checkpoints", abstract)
+  for a, b in zip(jax.tree.leaves(variables_a), jax.tree.leaves(variables_b), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert resumed == json.loads((trained_workdir / "final_metrics.json").read_text())
 
 
 def test_resuming_with_another_model_is_a_clear_error(trained_workdir, tmp_path):
@@ -94,3 +98,12 @@ def test_a_relative_workdir_works(make_config, tmp_path, monkeypatch):
   assert final["checkpoint_step"] == 2
   assert (tmp_path / "runs/relative/checkpoints/2").is_dir()
   assert (tmp_path / "runs/relative/final_metrics.json").exists()
+
+
+def test_resume_through_grain_worker_state_matches_a_run_without_workers(trained_workdir, make_config, tmp_path):
+  """Grain's own iterator state (saved with 1 worker process) restores the exact data position."""
+  total = json.loads((trained_workdir / "final_metrics.json").read_text())["checkpoint_step"]
+  train.train_and_evaluate(make_config(data__worker_count=1, num_train_steps=total // 2), str(tmp_path))
+  resumed = train.train_and_evaluate(make_config(data__worker_count=1), str(tmp_path))
+  _assert_same_final_variables(trained_workdir, tmp_path, make_config())
+  assert resumed == json.loads((trained_workdir / "final_metrics.json").read_text())
