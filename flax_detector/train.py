@@ -22,6 +22,7 @@ import optax
 
 from flax_detector import config_validation, input_pipeline, losses, metrics, sharding
 from flax_detector.checkpoint import Checkpointer, Topology, abstract_with_shardings
+from flax_detector.data.sources import class_counts
 from flax_detector.models import create_model, view_averaged_log_probs
 from flax_detector.preemption import PreemptionGuard
 
@@ -157,7 +158,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   sharding.check_divisible(config.batch_size, "batch_size", mesh)
   sharding.check_divisible(config.eval_batch_size, "eval_batch_size", mesh)
   splits = input_pipeline.load_splits(config)
-  counts = np.bincount(splits.train.labels, minlength=len(config.data.class_names))
+  counts = class_counts(splits.train, len(config.data.class_names))
   class_weights = losses.class_weights(config.class_weights, counts)
   logging.info("Class weights %s from training counts %s", class_weights.tolist(), counts.tolist())
 
