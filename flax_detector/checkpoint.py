@@ -9,7 +9,6 @@ on another topology starts its iterator at the restored step instead, which yiel
 
 from collections.abc import Callable
 import dataclasses
-import os
 from typing import Any
 
 from absl import logging
@@ -17,6 +16,8 @@ from etils import epath
 import grain
 import jax
 import orbax.checkpoint as ocp
+
+from flax_detector import workdir
 
 _STATE, _DATA, _TOPOLOGY = "state", "data_iter", "topology"
 
@@ -27,13 +28,6 @@ class Topology:
 
   process_count: int
   worker_count: int
-
-
-def absolute_path(directory: epath.PathLike) -> epath.Path:
-  """Orbax (TensorStore) rejects relative paths; `--workdir=runs/demo` is relative to the current folder."""
-  if "://" in str(directory):
-    return epath.Path(directory)
-  return epath.Path(os.path.abspath(os.fspath(directory)))
 
 
 class Checkpointer:
@@ -47,7 +41,7 @@ class Checkpointer:
         preservation_policy=policies.LatestN(max_to_keep),
         enable_async_checkpointing=True,
     )
-    self.directory = absolute_path(directory)
+    self.directory = workdir.absolute(directory)
     self._topology = topology
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(_STATE, _DATA, _TOPOLOGY),
                                           item_handlers={_STATE: ocp.StandardCheckpointHandler()})
@@ -136,7 +130,7 @@ def restore_model_variables(directory: epath.PathLike, abstract_variables: Any, 
 
   Returns (variables, step); `step` None means the latest checkpoint.
   """
-  manager = ocp.CheckpointManager(absolute_path(directory), item_names=(_STATE, _DATA, _TOPOLOGY),
+  manager = ocp.CheckpointManager(workdir.absolute(directory), item_names=(_STATE, _DATA, _TOPOLOGY),
                                   options=ocp.CheckpointManagerOptions(read_only=True))
   try:
     step = manager.latest_step() if step is None else step

@@ -8,7 +8,6 @@ from collections.abc import Iterator, Sequence
 from concurrent import futures
 import contextlib
 import csv
-import json
 import sys
 from typing import Any
 
@@ -16,10 +15,10 @@ from absl import app, flags, logging
 from etils import epath
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from flax_detector import preprocess, sharding
+from flax_detector import workdir as workdir_module
 from flax_detector.checkpoint import abstract_with_shardings, restore_model_variables
 from flax_detector.data.decode import UnreadableImageError, read_image
 from flax_detector.data.folder import list_images
@@ -30,13 +29,6 @@ flags.DEFINE_string("workdir", None, "Training workdir holding config.json and c
 flags.DEFINE_string("output", None, "CSV file to write; stdout when unset.")
 flags.DEFINE_integer("batch_size", None, "Images per inference batch; defaults to the config's eval_batch_size.")
 flags.mark_flag_as_required("workdir")
-
-
-def load_config(workdir: epath.Path) -> ml_collections.ConfigDict:
-  path = workdir / "config.json"
-  if not path.exists():
-    raise FileNotFoundError(f"{path}: missing; --workdir must be a directory that flax_detector.main trained in")
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 def expand_paths(paths: Sequence[str]) -> list[str]:
@@ -79,7 +71,7 @@ def _decoded_batches(paths: list[str], batch_size: int, image_size: int, mode: s
 def predict(workdir: str, paths: Sequence[str], output: str | None, batch_size: int | None) -> int:
   """Writes the CSV and returns the number of images classified."""
   workdir_path = epath.Path(workdir)
-  config = load_config(workdir_path)
+  config = workdir_module.load_config(workdir_path)
   class_names = list(config.data.class_names)
   positive = class_names.index(config.data.positive_class)
   model = create_model(config.model, len(class_names))
@@ -91,7 +83,7 @@ def predict(workdir: str, paths: Sequence[str], output: str | None, batch_size: 
   abstract = jax.eval_shape(lambda: model.init({"params": jax.random.PRNGKey(0)}, dummy, train=False))
   abstract = {"params": abstract["params"], "batch_stats": abstract.get("batch_stats", {})}
   replicated = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
-  variables, step = restore_model_variables(workdir_path / "checkpoints", abstract_with_shardings(abstract, replicated))
+  variables, step = restore_model_variables(workdir_path / workdir_module.CHECKPOINTS, abstract_with_shardings(abstract, replicated))
   logging.info("Loaded checkpoint step %d from %s", step, workdir_path)
 
   @jax.jit

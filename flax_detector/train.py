@@ -4,7 +4,6 @@ from collections.abc import Callable
 import contextlib
 import dataclasses
 import functools
-import json
 import time
 from typing import Any
 
@@ -21,6 +20,7 @@ import numpy as np
 import optax
 
 from flax_detector import config_validation, input_pipeline, losses, metrics, sharding
+from flax_detector import workdir as workdir_module
 from flax_detector.checkpoint import Checkpointer, Topology, abstract_with_shardings
 from flax_detector.data.sources import class_counts
 from flax_detector.models import create_model, view_averaged_log_probs
@@ -113,13 +113,6 @@ def evaluate(eval_step_fn: Any, state: TrainState, dataset: grain.MapDataset, co
   return metrics.summarize_eval(accumulated, positive)
 
 
-def _write_json(path: epath.Path, payload: Any) -> None:
-  """Writes via a temporary file and a rename, so a crash never leaves a half-written file."""
-  temporary = path.parent / f".{path.name}.tmp"
-  temporary.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-  temporary.replace(path)
-
-
 def _every(setting: int, steps_per_epoch: float) -> int:
   """A step interval from a config field where <= 0 means once per epoch."""
   return setting if setting > 0 else max(1, round(steps_per_epoch))
@@ -210,7 +203,7 @@ def _log_start(experiment: Experiment, state: TrainState, workdir: epath.Path,
                sharding.bytes_per_device(abstract.params, shardings.params) / 2**20,
                sharding.bytes_per_device(abstract.opt_state, shardings.opt_state) / 2**20)
   if jax.process_index() == 0:
-    _write_json(workdir / "config.json", config.to_dict())
+    workdir_module.write_json(workdir / workdir_module.CONFIG, config.to_dict())
     parameter_overview.log_parameter_overview(state.params)
     writer.write_hparams({k: str(v) for k, v in config.to_dict().items() if not isinstance(v, dict)})
 
@@ -266,7 +259,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
               else metric_writers.MultiWriter([]))
     cleanup.callback(writer.close)
     checkpointer = cleanup.enter_context(Checkpointer(
-        workdir_path / "checkpoints", _every(config.checkpoint_every_steps, experiment.steps_per_epoch),
+        workdir_path / workdir_module.CHECKPOINTS, _every(config.checkpoint_every_steps, experiment.steps_per_epoch),
         config.max_checkpoints_to_keep, Topology(jax.process_count(), config.data.worker_count)))
     state, train_iterator = _restore_or_initialize(experiment, checkpointer)
     cleanup.callback(train_iterator.close)
@@ -280,6 +273,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer.write_scalars(step, {k.replace("eval_", "test_"): v for k, v in final.items() if k.startswith("eval_")})
     checkpointer.wait_until_finished()  # the checkpoint final_metrics.json names is on disk first
   if is_chief:
-    _write_json(workdir_path / "final_metrics.json", final)
+    workdir_module.write_json(workdir_path / workdir_module.FINAL_METRICS, final)
     logging.info("Test metrics at step %d: %s", step, final)
   return final
