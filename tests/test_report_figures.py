@@ -48,7 +48,8 @@ def _draw(name: str, path) -> None:
   elif name == "reliability_before_only":
     report_figures.reliability_figure(bins, None, path, summary["ece"], None)
   elif name == "robustness":
-    rows = [{"name": "clean", "accuracy": 0.93, "roc_auc": 0.97}, {"name": "jpeg_q50", "accuracy": 0.71, "roc_auc": 0.8},
+    rows = [{"name": "clean", "accuracy": 0.93, "roc_auc": 0.97},
+            {"name": "jpeg_q50", "accuracy": 0.71, "roc_auc": 0.8},
             {"name": "downscale_0.25", "accuracy": 0.5, "roc_auc": None}]
     report_figures.robustness_figure(rows, path)
   elif name == "mistakes":
