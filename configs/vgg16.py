@@ -26,6 +26,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # "crop": keep native pixels (random crop for training, centre crop for eval, zero-pad small images).
   # "resize": scale the shorter side to image_size first. Resizing erases pixel-level generator traces.
   data.preprocess = "crop"
+  # How "crop" treats images smaller than image_size. "shared": every crop has the side that all but
+  # data.shared_crop_quantile of the training images can supply (at most image_size), so no class is
+  # padded more than another: on a folder whose human images are small and AI images large, zero
+  # borders would otherwise mark the human class. "pad": image_size crops, smaller images zero-padded.
+  data.crop_policy = "shared"
+  data.shared_crop_quantile = 0.02
   # Evaluation and prediction average the model over eval_grid x eval_grid crops spread evenly over
   # each image (1: the centre crop only); the cost of evaluation grows with eval_grid squared.
   data.eval_grid = 1
@@ -39,6 +45,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   data.blur_probability = 0.1
   data.blur_sigma_min = 0.1
   data.blur_sigma_max = 1.0
+  # Files with more pixels than this are left out (listed in DIR/skipped_files.txt) before anything is
+  # decoded: one decode of 40 M pixels is 120 MB, comfortable in a Grain worker.
+  data.max_image_pixels = 40_000_000
+  # What an unreadable, truncated or oversized file does: "skip" leaves it out of the splits, the class
+  # counts and the weights, and lists it in DIR/skipped_files.txt; "error" stops before training.
+  data.on_bad_file = "skip"
   # Grain worker processes that decode and augment; 0 decodes in the training process.
   data.worker_count = 4
   # Batches each worker prepares ahead of the training step.

@@ -3,7 +3,8 @@
 import jax.numpy as jnp
 import ml_collections
 
-from flax_detector.preprocess import PREPROCESS_MODES
+from flax_detector.data.folder import BAD_FILE_POLICIES
+from flax_detector.preprocess import CROP_POLICIES, PREPROCESS_MODES
 from flax_detector.sharding import SHARDING_STRATEGIES
 
 # Five 2x2 max pools: a smaller crop would pool below one pixel.
@@ -28,6 +29,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
       (config.data.positive_class in names,
        f"data.positive_class={config.data.positive_class!r} is not one of data.class_names={names}"),
       (config.data.preprocess in PREPROCESS_MODES, f"data.preprocess={config.data.preprocess!r}: use one of {PREPROCESS_MODES}"),
+      (config.data.crop_policy in CROP_POLICIES, f"data.crop_policy={config.data.crop_policy!r}: use one of {CROP_POLICIES}"),
+      (0.0 <= config.data.shared_crop_quantile < 1.0,
+       f"data.shared_crop_quantile={config.data.shared_crop_quantile}: must be in [0, 1)"),
+      (config.data.on_bad_file in BAD_FILE_POLICIES,
+       f"data.on_bad_file={config.data.on_bad_file!r}: use one of {BAD_FILE_POLICIES}"),
+      (config.data.max_image_pixels > 0, f"data.max_image_pixels={config.data.max_image_pixels}: must be positive"),
       (config.data.eval_grid >= 1, f"data.eval_grid={config.data.eval_grid}: must be >= 1"),
       (config.data.worker_count >= 0, f"data.worker_count={config.data.worker_count}: must be >= 0"),
       (config.image_size >= MIN_IMAGE_SIZE, f"image_size={config.image_size}: VGG16 needs at least {MIN_IMAGE_SIZE}"),

@@ -9,42 +9,68 @@ numpy's Generator seeded with (seed, record, epoch).
 Batches are dicts {"image": uint8[b, S, S, 3], "label": int32[b], "mask": bool[b]} of the
 process-local share b = B / P; eval images carry a views axis, uint8[b, V, S, S, 3]. Evaluation pads the split to whole global batches with masked
 examples, so every process runs the same number of steps and every example counts exactly once.
-An unreadable file is masked out of its batch with a warning naming it, instead of ending the run.
+Unreadable, truncated and oversized files are left out when the folder is indexed (data/folder.py);
+a file that becomes unreadable later is masked out of its batch with a warning naming it.
 """
 
 import dataclasses
 import math
 
 from absl import logging
+from etils import epath
 import grain
 import ml_collections
 import numpy as np
 
 from flax_detector import preprocess
+from flax_detector import workdir as workdir_layout
+from flax_detector.config_validation import MIN_IMAGE_SIZE
 from flax_detector.data import array_record
 from flax_detector.data.decode import UnreadableImageError
-from flax_detector.data.folder import ImageFolderSource
+from flax_detector.data.folder import ImageFolderSource, IndexOptions
+from flax_detector.data.probe import ImageInfo
 from flax_detector.data.sources import ImageSource, class_counts, split_off_validation
 from flax_detector.data.synthetic import SyntheticSource
 
 
 @dataclasses.dataclass(frozen=True)
 class Splits:
-  """The training split, the validation share carved from it, and the held-out test split."""
+  """The training split, the validation share carved from it, and the held-out test split.
+
+  `folders` holds the indexed image folders ({"train": ..., "test": ...}) when data.dir is a plain
+  image folder: their per-file facts feed the shortcut audit and skipped_files.txt.
+  """
 
   train: ImageSource
   validation: ImageSource
   test: ImageSource
+  folders: dict[str, ImageFolderSource] = dataclasses.field(default_factory=dict)
+
+  @property
+  def skipped(self) -> list[ImageInfo]:
+    return [info for folder in self.folders.values() for info in folder.skipped]
 
 
-def load_splits(config: ml_collections.ConfigDict) -> Splits:
+def index_options(data: ml_collections.ConfigDict, workdir: epath.Path | None, process_index: int) -> IndexOptions:
+  """How to check the folder; the probe cache lives in the run's workdir, written by process 0 only."""
+  return IndexOptions(max_image_pixels=data.max_image_pixels, on_bad_file=data.on_bad_file,
+                      cache_path=None if workdir is None else workdir / workdir_layout.FILE_INDEX_CACHE,
+                      update_cache=process_index == 0)
+
+
+def load_splits(config: ml_collections.ConfigDict, workdir: epath.Path | None = None,
+                process_index: int = 0) -> Splits:
   """Indexes data.dir (or builds the synthetic set) and carves the validation split from train/."""
   data = config.data
-  if data.dir:
+  folders: dict[str, ImageFolderSource] = {}
+  if data.dir and array_record.is_prepared(data.dir):
     # A folder written by flax_detector.prepare holds the same records, keys and order as the image folder.
-    folder_source = array_record.ArrayRecordImageSource if array_record.is_prepared(data.dir) else ImageFolderSource
-    full_train = folder_source(data.dir, "train", data.class_names)
-    test = folder_source(data.dir, "test", data.class_names)
+    full_train = array_record.ArrayRecordImageSource(data.dir, "train", data.class_names)
+    test = array_record.ArrayRecordImageSource(data.dir, "test", data.class_names)
+  elif data.dir:
+    options = index_options(data, workdir, process_index)
+    folders = {split: ImageFolderSource(data.dir, split, data.class_names, options) for split in ("train", "test")}
+    full_train, test = folders["train"], folders["test"]
   else:
     if len(data.class_names) != 2:
       raise ValueError(f"data.class_names={data.class_names}: the synthetic set has exactly 2 classes")
@@ -56,7 +82,20 @@ def load_splits(config: ml_collections.ConfigDict) -> Splits:
     counts = class_counts(split, num_classes)
     logging.info("%s split: %d images, %s", name, len(split),
                  ", ".join(f"{cls}={count}" for cls, count in zip(data.class_names, counts)))
-  return Splits(train=train, validation=validation, test=test)
+  return Splits(train=train, validation=validation, test=test, folders=folders)
+
+
+def crop_size(config: ml_collections.ConfigDict, train: ImageSource) -> int:
+  """The crop side training and evaluation use: image_size, or less under data.crop_policy="shared"."""
+  data = config.data
+  if data.preprocess != "crop" or data.crop_policy != "shared":
+    return config.image_size
+  if train.sizes is None:
+    logging.warning("data.crop_policy=shared: %s records no image sizes (prepared by an older version); using "
+                    "image_size=%d. Re-run flax_detector.prepare --overwrite to record them.", data.dir,
+                    config.image_size)
+    return config.image_size
+  return preprocess.shared_crop_size(train.sizes, config.image_size, data.shared_crop_quantile, MIN_IMAGE_SIZE)
 
 
 def num_train_steps(num_records: int, config: ml_collections.ConfigDict) -> int:

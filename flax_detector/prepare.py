@@ -2,8 +2,7 @@
 
 Reading ~22k small files per epoch from a bucket is slow on a TPU pod; a few large shards are not.
 SRC is indexed exactly as ImageFolderSource indexes it (train/ and test/, the same class folders, the
-same file order), every file is decoded once to check it is readable (unreadable files are skipped with
-a warning and counted), and each record keeps the original encoded bytes (no re-encoding: generator
+same file order, the same probe that leaves out unreadable, truncated and oversized files), and each record keeps the original encoded bytes (no re-encoding: generator
 traces live in single pixels) with the label and the path relative to SRC as its key. Training on DST
 therefore sees the same records in the same order, the same validation split and the same pixels as
 training on SRC. The layout and the record format are documented in flax_detector/data/array_record.py.
@@ -32,8 +31,8 @@ from etils import epath
 
 from flax_detector.data.array_record import (FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, RECORD_FORMAT,
                                              encode_record, shard_name)
-from flax_detector.data.decode import UnreadableImageError, decode_image
 from flax_detector.data.folder import ImageFolderSource
+from flax_detector.data.probe import printable
 
 SPLITS = ("train", "test")
 IMAGES_PER_SHARD = 1000
@@ -85,28 +84,22 @@ def _index(data_dir: str, class_names: Sequence[str]) -> dict[str, ImageFolderSo
                       f"--class_names={','.join(class_names)})") from error
 
 
-def _read_checked(path: str) -> bytes | None:
-  """The file's bytes if Pillow can decode them, else None after a warning naming the file."""
+def _read(path: str) -> bytes | None:
+  """The file's bytes (the index has already checked that they decode), or None if it vanished since."""
   try:
-    data = epath.Path(path).read_bytes()
+    return epath.Path(path).read_bytes()
   except OSError as error:
-    logging.warning("Skipping %s: cannot be read (%s)", path, error)
+    logging.warning("Skipping %s: cannot be read (%s)", printable(path), error)
     return None
-  try:
-    decode_image(data, path)
-  except UnreadableImageError as error:
-    logging.warning("Skipping %s", error)  # the message names the file
-    return None
-  return data
 
 
 def _read_in_order(paths: Sequence[str], num_threads: int) -> Iterator[bytes | None]:
-  """_read_checked of every path, in order, with a bounded number of files in flight."""
+  """_read of every path, in order, with a bounded number of files in flight."""
   window = 4 * num_threads
   with futures.ThreadPoolExecutor(num_threads) as pool:
     pending: collections.deque[futures.Future] = collections.deque()
     for path in paths:
-      pending.append(pool.submit(_read_checked, path))
+      pending.append(pool.submit(_read, path))
       if len(pending) >= window:
         yield pending.popleft().result()
     while pending:
@@ -136,7 +129,8 @@ def _write_split(source: ImageFolderSource, split: str, class_names: Sequence[st
   files = _read_in_order(source.paths, num_threads)
   keys: list[str] = []
   labels: list[int] = []
-  skipped: list[str] = []
+  sizes: list[list[int]] = []
+  skipped: list[str] = [printable(source.key_of(info.path)) for info in source.skipped]
   num_bytes = 0
   for shard, name in enumerate(names):
     writer = _open_writer(staging / split / name)
@@ -150,6 +144,7 @@ def _write_split(source: ImageFolderSource, split: str, class_names: Sequence[st
         writer.write(encode_record(key, label, data))
         keys.append(key)
         labels.append(label)
+        sizes.append([int(side) for side in source.sizes[index]])
         num_bytes += len(data)
     finally:
       writer.close()
@@ -157,7 +152,7 @@ def _write_split(source: ImageFolderSource, split: str, class_names: Sequence[st
   empty = [name for name, count in counts.items() if not count]
   if empty:
     raise ValueError(f"{split}/: no readable image of class {empty} (skipped {skipped}); fix or add images")
-  (staging / split / INDEX_NAME).write_text(json.dumps({"keys": keys, "labels": labels}))
+  (staging / split / INDEX_NAME).write_text(json.dumps({"keys": keys, "labels": labels, "sizes": sizes}))
   logging.info("%s: %d images (%s), %.1f MB in %d shards; %d unreadable skipped%s", split, len(keys),
                ", ".join(f"{name}={count}" for name, count in counts.items()), num_bytes / 1e6, num_shards,
                len(skipped), f": {skipped}" if skipped else "")

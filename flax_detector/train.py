@@ -22,6 +22,7 @@ import optax
 from flax_detector import config_validation, input_pipeline, losses, metrics, sharding
 from flax_detector import workdir as workdir_module
 from flax_detector.checkpoint import Checkpointer, Topology, abstract_with_shardings
+from flax_detector.data.folder import skipped_lines
 from flax_detector.data.sources import class_counts
 from flax_detector.models import create_model, view_averaged_log_probs
 from flax_detector.preemption import PreemptionGuard
@@ -146,11 +147,29 @@ class Experiment:
     return evaluate(self.eval_step, state, self.eval_data(split), self.config, self.batch_sharding)
 
 
-def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
+def _with_crop_size(config: ml_collections.ConfigDict, splits: input_pipeline.Splits) -> ml_collections.ConfigDict:
+  """The config with image_size set to the crop side this folder supports (see data.crop_policy).
+
+  config.json records the result, so predict and evaluate crop exactly as training did.
+  """
+  size = input_pipeline.crop_size(config, splits.train)
+  if size == config.image_size:
+    return config
+  logging.warning("Crops of %d px instead of image_size=%d: %.0f%% of the training images are smaller than %d px "
+                  "and would be zero-padded (data.crop_policy=shared keeps padding from marking a class; "
+                  "set --config.data.crop_policy=pad to pad them instead).", size, config.image_size,
+                  100 * np.mean(np.min(splits.train.sizes, axis=1) < config.image_size), config.image_size)
+  resolved = ml_collections.ConfigDict(config.to_dict())
+  resolved.image_size = size
+  return resolved
+
+
+def build_experiment(config: ml_collections.ConfigDict, workdir: epath.Path | None = None) -> Experiment:
   mesh = sharding.create_mesh()
   sharding.check_divisible(config.batch_size, "batch_size", mesh)
   sharding.check_divisible(config.eval_batch_size, "eval_batch_size", mesh)
-  splits = input_pipeline.load_splits(config)
+  splits = input_pipeline.load_splits(config, workdir, jax.process_index())
+  config = _with_crop_size(config, splits)
   counts = class_counts(splits.train, len(config.data.class_names))
   class_weights = losses.class_weights(config.class_weights, counts)
   logging.info("Class weights %s from training counts %s", class_weights.tolist(), counts.tolist())
@@ -204,6 +223,8 @@ def _log_start(experiment: Experiment, state: TrainState, workdir: epath.Path,
                sharding.bytes_per_device(abstract.opt_state, shardings.opt_state) / 2**20)
   if jax.process_index() == 0:
     workdir_module.write_json(workdir / workdir_module.CONFIG, config.to_dict())
+    (workdir / workdir_module.SKIPPED_FILES).write_text("".join(
+        f"{line}\n" for line in skipped_lines(experiment.splits.skipped)))
     parameter_overview.log_parameter_overview(state.params)
     writer.write_hparams({k: str(v) for k, v in config.to_dict().items() if not isinstance(v, dict)})
 
@@ -251,7 +272,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   config_validation.validate(config)
   workdir_path = epath.Path(workdir)
   workdir_path.mkdir(parents=True, exist_ok=True)
-  experiment = build_experiment(config)
+  experiment = build_experiment(config, workdir_path)
   is_chief = jax.process_index() == 0
   with contextlib.ExitStack() as cleanup:
     # Only process 0 reports; the others hold a writer that writes nothing.

@@ -102,7 +102,7 @@ def test_bad_batch_sizes_are_named(make_config):
     input_pipeline.train_dataset(splits.train, config, 0, 2)
 
 
-def test_an_unreadable_file_is_masked_with_a_warning_naming_it(make_config, tmp_path, caplog):
+def test_unreadable_files_are_left_out_and_a_file_broken_later_is_masked(make_config, tmp_path, caplog):
   from PIL import Image  # pylint: disable=g-import-not-at-top
 
   for split in ("train", "test"):
@@ -115,7 +115,13 @@ def test_an_unreadable_file_is_masked_with_a_warning_naming_it(make_config, tmp_
   (tmp_path / "test/ai-generated/broken.png").write_bytes(b"not a png")
   config = make_config(data__dir=str(tmp_path), data__val_fraction=0.0, batch_size=8, num_epochs=1)
   splits = input_pipeline.load_splits(config)
-  broken = splits.train.keys.index("train/human-art/broken.png")
+  assert "train/human-art/broken.png" not in splits.train.keys and len(splits.train) == 16
+  assert len(splits.test) == 16 and len(splits.skipped) == 2
+  np.testing.assert_array_equal(np.bincount(splits.train.labels), [8, 8])  # counts and weights exclude it
+
+  # A file that breaks after the index was built costs one masked example, not the run.
+  later = splits.train.keys.index("train/human-art/3.png")
+  (tmp_path / "train/human-art/3.png").write_bytes(b"truncated")
   train = input_pipeline.train_dataset(splits.train, config, 0, 1)
   batches = [train[i] for i in range(len(train))]
   masked = np.concatenate([batch["mask"] for batch in batches])
@@ -123,4 +129,4 @@ def test_an_unreadable_file_is_masked_with_a_warning_naming_it(make_config, tmp_
   test = input_pipeline.eval_dataset(splits.test, config, 0, 1)
   test_masks = np.concatenate([test[i]["mask"] for i in range(len(test))])
   assert test_masks.sum() == 16
-  assert "broken.png" in caplog.text and splits.train.labels[broken] == 0
+  assert "3.png" in caplog.text and splits.train.labels[later] == 0

@@ -43,7 +43,8 @@ RECORD_FORMAT = ('b"FDR1" + uint32 little-endian header length H + H bytes of UT
 
 def encode_record(key: str, label: int, data: bytes) -> bytes:
   """Packs one image file into a record: magic, header length, JSON header, original bytes."""
-  header = json.dumps({"key": key, "label": int(label)}, ensure_ascii=False).encode("utf-8")
+  # ensure_ascii: a key from a file name that is not valid UTF-8 (lone surrogates) still encodes.
+  header = json.dumps({"key": key, "label": int(label)}).encode("utf-8")
   return RECORD_MAGIC + _LENGTH.pack(len(header)) + header + data
 
 
@@ -106,6 +107,8 @@ class ArrayRecordImageSource:
     index = json.loads((root / entry["index"]).read_text())
     self.keys: list[str] = list(index["keys"])
     self.labels = np.asarray(index["labels"], np.int32)
+    # Written by prepare since the folder index probes sizes; older prepared folders lack them.
+    self.sizes = np.asarray(index["sizes"], np.int64).reshape(-1, 2) if "sizes" in index else None
     self._split = split
     self._records = grain.sources.ArrayRecordDataSource([str(root / name) for name in entry["shards"]])
     if not len(self._records) == len(self.keys) == len(self.labels) == entry["num_records"]:

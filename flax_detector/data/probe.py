@@ -21,11 +21,13 @@ from etils import epath
 import numpy as np
 from PIL import Image
 
+from flax_detector import workdir
 from flax_detector.data.decode import decode_image
 
 # Bumped when the probe's rules change, so a stale cache is ignored instead of trusted.
 _CACHE_VERSION = 1
 # EXIF orientations that swap width and height when applied.
+_ORIENTATION_TAG = 0x0112
 _TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 # Table K.1 of the JPEG standard: the luminance quantisation table that libjpeg scales by quality.
 _STANDARD_LUMINANCE_TABLE = np.array([
@@ -80,34 +82,46 @@ def estimate_jpeg_quality(quantization: dict[int, Sequence[int]]) -> int | None:
   return best_quality
 
 
-def probe_file(path: str, max_pixels: int) -> ImageInfo:
-  """Reads the header, refuses images above `max_pixels` before decoding, then decodes once."""
+def _read(path: str) -> tuple[bytes, float]:
+  """The file's bytes and mtime; remote (gs://) files through etils.epath, where mtime is not known."""
+  if workdir.is_url(path):
+    return epath.Path(path).read_bytes(), 0.0
+  with open(path, "rb") as stream:
+    return stream.read(), os.fstat(stream.fileno()).st_mtime
+
+
+def probe_file(path: str, max_pixels: int, decode: bool = True) -> ImageInfo:
+  """Reads the header, refuses images above `max_pixels` before decoding, then (if `decode`) decodes once.
+
+  Decoding is what finds a truncated JPEG; `predict` skips it because it decodes every file anyway.
+  """
   try:
-    stat = os.stat(path)
+    data, mtime = _read(path)
   except OSError as error:
     return ImageInfo(path, 0, 0.0, error=f"cannot be read ({error.strerror or error})")
-  base = ImageInfo(path, stat.st_size, stat.st_mtime)
-  if stat.st_size == 0:
+  base = ImageInfo(path, len(data), mtime)
+  if not data:
     return dataclasses.replace(base, error="empty file (0 bytes)")
   try:
-    with open(path, "rb") as stream:
-      data = stream.read()
     with warnings.catch_warnings():
       # Pillow's DecompressionBombWarning names no file; the pixel limit below is ours and does.
       warnings.simplefilter("ignore", Image.DecompressionBombWarning)
       with Image.open(io.BytesIO(data)) as image:
         width, height = image.size
-        orientation = image.getexif().get(0x0112) if image.format in ("JPEG", "WEBP", "PNG", "TIFF") else None
-        if orientation in _TRANSPOSING_ORIENTATIONS:
+        if image.getexif().get(_ORIENTATION_TAG) in _TRANSPOSING_ORIENTATIONS:
           width, height = height, width
         info = dataclasses.replace(
             base, width=width, height=height, format=image.format or "", mode=image.mode,
             jpeg_quality=estimate_jpeg_quality(getattr(image, "quantization", None) or {}))
+  except Image.UnidentifiedImageError:
+    return dataclasses.replace(base, error="not an image (no format Pillow reads)")
   except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
     return dataclasses.replace(base, error=f"not a readable image ({error})")
   if width * height > max_pixels:
     return dataclasses.replace(info, error=f"too large: {width}x{height} = {width * height} pixels exceeds "
                                            f"data.max_image_pixels={max_pixels}")
+  if not decode:
+    return info
   try:
     with warnings.catch_warnings():
       warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -134,31 +148,35 @@ def load_cache(path: epath.Path | None) -> dict[str, dict[str, Any]]:
 
 
 def save_cache(path: epath.Path, infos: Sequence[ImageInfo], max_pixels: int) -> None:
-  entries = {_cache_key(info.path, max_pixels): {**dataclasses.asdict(info), "path": printable(info.path)}
-             for info in infos}
+  """Adds `infos` to the cache at `path` (both splits share one file), written atomically."""
+  entries = load_cache(path)
+  entries.update({_cache_key(info.path, max_pixels): dataclasses.asdict(info) for info in infos})
   temporary = path.parent / f".{path.name}.tmp"
   temporary.write_text(json.dumps({"version": _CACHE_VERSION, "entries": entries}))
   temporary.replace(path)
 
 
-def probe_files(paths: Sequence[str], max_pixels: int, cache_path: epath.Path | None = None,
-                num_threads: int = 8) -> list[ImageInfo]:
-  """ImageInfo of every path, in order; files unchanged since `cache_path` was written are not read again."""
-  cache = load_cache(cache_path)
+def _unchanged(entry: dict[str, Any], path: str) -> bool:
+  try:
+    stat = os.stat(path)
+  except OSError:
+    return False
+  return entry["num_bytes"] == stat.st_size and entry["mtime"] == stat.st_mtime
+
+
+def probe_files(paths: Sequence[str], max_pixels: int, cache_path: epath.Path | None = None, *,
+                update_cache: bool = True, decode: bool = True, num_threads: int = 8) -> list[ImageInfo]:
+  """ImageInfo of every path, in order; local files unchanged since `cache_path` was written are not read again."""
+  cache = load_cache(cache_path) if decode else {}
 
   def cached_or_probe(path: str) -> ImageInfo:
     entry = cache.get(_cache_key(path, max_pixels))
-    if entry is not None:
-      try:
-        stat = os.stat(path)
-      except OSError:
-        stat = None
-      if stat is not None and entry["num_bytes"] == stat.st_size and entry["mtime"] == stat.st_mtime:
-        return ImageInfo(**{**entry, "path": path})
-    return probe_file(path, max_pixels)
+    if entry is not None and not workdir.is_url(path) and _unchanged(entry, path):
+      return ImageInfo(**{**entry, "path": path})
+    return probe_file(path, max_pixels, decode)
 
   with futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
     infos = list(pool.map(cached_or_probe, paths))
-  if cache_path is not None:
+  if cache_path is not None and decode and update_cache:
     save_cache(cache_path, infos, max_pixels)
   return infos

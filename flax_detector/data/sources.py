@@ -3,9 +3,12 @@
 Sources are Grain random-access data sources (`__len__`, `__getitem__`), picklable so Grain worker
 processes can decode in parallel. `labels` is known without decoding, for class counts and weights;
 `keys` name records stably (relative paths), for the validation split and error messages.
+`sizes` (int[n, 2] of height, width) is known without decoding too: the crop policy and the
+shortcut audit need every image's size before training starts.
 """
 
 import hashlib
+import os
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -17,6 +20,7 @@ class ImageSource(Protocol):
 
   labels: np.ndarray  # int32[n], the class index of every record
   keys: Sequence[str]  # a stable name of every record
+  sizes: np.ndarray | None  # int64[n, 2]: (height, width) of every record; None where not known
 
   def __len__(self) -> int:
     ...
@@ -34,6 +38,7 @@ class SubsetSource:
     self._indices = np.asarray(indices, np.int64)
     self.labels = np.asarray(source.labels)[self._indices]
     self.keys = [source.keys[i] for i in self._indices]
+    self.sizes = None if source.sizes is None else np.asarray(source.sizes)[self._indices]
 
   def __len__(self) -> int:
     return len(self._indices)
@@ -44,7 +49,8 @@ class SubsetSource:
 
 def _stable_fraction(key: str) -> float:
   """Maps a record key to [0, 1) independently of seed, file order and the other files present."""
-  digest = hashlib.sha256(key.encode("utf-8")).digest()
+  # fsencode: a file name that is not valid UTF-8 hashes by its bytes instead of failing.
+  digest = hashlib.sha256(os.fsencode(key)).digest()
   return int.from_bytes(digest[:8], "big") / 2.0**64
 
 

@@ -87,14 +87,20 @@ class SyntheticSource:
     self._kernels = (generator_kernel(0.0), generator_kernel(fingerprint_strength))
     self.labels = (np.arange(size) % 2).astype(np.int32)
     self.keys = [f"synthetic/{split}/{index:06d}" for index in range(size)]
+    self.sizes = np.stack([self._size(index) for index in range(size)]).reshape(-1, 2)
 
   def __len__(self) -> int:
     return len(self.labels)
 
+  def _size(self, index: int, rng: np.random.Generator | None = None) -> np.ndarray:
+    """(height, width) of a record: the first draws of its generator, so known without drawing it."""
+    rng = np.random.default_rng((self._split_seed, index)) if rng is None else rng
+    return 2 * rng.integers(self._min_side // 2, self._max_side // 2 + 1, 2)
+
   def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
     label = int(self.labels[index])
     rng = np.random.default_rng((self._split_seed, index))
-    height, width = 2 * rng.integers(self._min_side // 2, self._max_side // 2 + 1, 2)
+    height, width = self._size(index, rng)
     drawing = _draw(rng, height, width)
     halved = drawing.reshape(height // 2, 2, width // 2, 2, 3).mean(axis=(1, 3))
     image = upsample_transposed(halved, self._kernels[label])
