@@ -22,7 +22,7 @@ from etils import epath
 import numpy as np
 
 from flax_detector import workdir as workdir_module
-from flax_detector.data.folder import list_images
+from flax_detector.data.folder import DEFAULT_MAX_IMAGE_PIXELS, list_images
 from flax_detector.data.probe import ImageInfo, probe_files
 
 SPLITS = ("train", "test")
@@ -32,8 +32,6 @@ SHORTCUT_MARGIN = 0.10
 NUM_FOLDS = 5
 TREE_DEPTH = 3
 MIN_LEAF = 5
-# Training's default data.max_image_pixels: the audit should count as unreadable what training leaves out.
-DEFAULT_MAX_PIXELS = 40_000_000
 
 # Single features in the order ties are broken: the plainest explanation of a shortcut first.
 # Each entry: feature name, the words used in the finding.
@@ -363,7 +361,7 @@ def _define_flags() -> None:
   flags.DEFINE_string("output", None, "JSON file to write; stdout when unset.")
   flags.DEFINE_integer("crop_size", 224, "Side of the square training crop; smaller images would be padded.")
   flags.DEFINE_list("class_names", ["human-art", "ai-generated"], "Class folder names, in label order.")
-  flags.DEFINE_integer("max_image_pixels", DEFAULT_MAX_PIXELS, "Images with more pixels count as unreadable.")
+  flags.DEFINE_integer("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS, "Images with more pixels count as unreadable.")
   flags.mark_flag_as_required("data_dir")
 
 

@@ -176,7 +176,9 @@ class _LoadEvalBatch(grain.transforms.Map):
     labels = np.zeros(len(positions), np.int32)
     real = positions < num_records
     labels[real] = self._source.labels[positions[real]]
-    return {"image": np.stack(images), "label": labels, "mask": np.asarray(mask, bool)}
+    # "index" (the record's position in the split) lets per-example scores be matched back to files.
+    return {"image": np.stack(images), "label": labels, "mask": np.asarray(mask, bool),
+            "index": np.asarray(positions, np.int32)}
 
 
 def train_dataset(source: ImageSource, config: ml_collections.ConfigDict, process_index: int,

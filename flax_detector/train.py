@@ -4,6 +4,7 @@ from collections.abc import Callable
 import contextlib
 import dataclasses
 import functools
+import tempfile
 import time
 from typing import Any
 
@@ -19,7 +20,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from flax_detector import config_validation, input_pipeline, losses, metrics, sharding
+from flax_detector import audit, config_validation, input_pipeline, losses, metrics, report, report_figures, sharding
 from flax_detector import workdir as workdir_module
 from flax_detector.checkpoint import Checkpointer, Topology, abstract_with_shardings
 from flax_detector.data.folder import skipped_lines
@@ -90,28 +91,49 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
   return new_state, step_metrics
 
 
-def eval_step(state: TrainState, batch: dict[str, jax.Array], *, class_weights: np.ndarray) -> metrics.EvalMetrics:
-  """Metrics of a global eval batch, each image classified by its views' averaged log-probabilities."""
-  logits = view_averaged_log_probs(state.apply_fn, {"params": state.params, "batch_stats": state.batch_stats},
-                                   batch["image"])
+def eval_step(state: TrainState, batch: dict[str, jax.Array], *,
+              class_weights: np.ndarray) -> tuple[metrics.EvalMetrics, dict[str, jax.Array]]:
+  """Metrics of a global eval batch, each image classified by its views' averaged log-probabilities.
+
+  Also returns the per-example log-probabilities with their labels, mask and record index, which the
+  calibration and the report need; they are a few floats per image.
+  """
+  log_probs = view_averaged_log_probs(state.apply_fn, {"params": state.params, "batch_stats": state.batch_stats},
+                                      batch["image"])
   _, per_example_loss, example_weight = losses.weighted_cross_entropy(
-      logits, batch["label"], jnp.asarray(class_weights), batch["mask"])
-  return metrics.EvalMetrics.single_from_model_output(
-      logits=logits, labels=batch["label"], mask=batch["mask"], per_example_loss=per_example_loss,
+      log_probs, batch["label"], jnp.asarray(class_weights), batch["mask"])
+  batch_metrics = metrics.EvalMetrics.single_from_model_output(
+      logits=log_probs, labels=batch["label"], mask=batch["mask"], per_example_loss=per_example_loss,
       example_weight=example_weight)
+  scores = {"log_probs": log_probs, "label": batch["label"], "mask": batch["mask"], "index": batch["index"]}
+  return batch_metrics, scores
+
+
+@dataclasses.dataclass(frozen=True)
+class Scores:
+  """Per-example view-averaged log-probabilities of a split, in record order, unreadable records dropped."""
+
+  log_probs: np.ndarray  # float32[n, classes]
+  labels: np.ndarray  # int32[n]
+  indices: np.ndarray  # int32[n], positions in the split
 
 
 def evaluate(eval_step_fn: Any, state: TrainState, dataset: grain.MapDataset, config: ml_collections.ConfigDict,
-             batch_sharding: jax.sharding.NamedSharding) -> dict[str, Any]:
+             batch_sharding: jax.sharding.NamedSharding) -> tuple[dict[str, Any], Scores]:
   """Runs the whole split through `eval_step_fn`; every example counts exactly once."""
   positive = list(config.data.class_names).index(config.data.positive_class)
   accumulated = None
+  collected: list[dict[str, np.ndarray]] = []
   iterator = input_pipeline.make_iterator(dataset, config.data.worker_count, config.data.worker_buffer_size)
   with contextlib.closing(iterator):
     for local_batch in iterator:
-      batch_metrics = eval_step_fn(state, sharding.to_global_batch(local_batch, batch_sharding))
+      batch_metrics, batch_scores = eval_step_fn(state, sharding.to_global_batch(local_batch, batch_sharding))
       accumulated = batch_metrics if accumulated is None else accumulated.merge(batch_metrics)
-  return metrics.summarize_eval(accumulated, positive)
+      collected.append(batch_scores)
+  host = {name: np.concatenate([np.asarray(scores[name]) for scores in collected]) for name in collected[0]}
+  keep = host["mask"]
+  scores = Scores(host["log_probs"][keep], host["label"][keep], host["index"][keep])
+  return metrics.summarize_eval(accumulated, positive), scores
 
 
 def _every(setting: int, steps_per_epoch: float) -> int:
@@ -134,7 +156,7 @@ class Experiment:
   abstract_state: TrainState
   state_shardings: Any
   train_step: Callable[..., tuple[TrainState, metrics.TrainMetrics]]
-  eval_step: Callable[..., metrics.EvalMetrics]
+  eval_step: Callable[..., tuple[metrics.EvalMetrics, dict[str, jax.Array]]]
 
   @property
   def batch_sharding(self) -> jax.sharding.NamedSharding:
@@ -143,7 +165,7 @@ class Experiment:
   def eval_data(self, split: input_pipeline.ImageSource) -> grain.MapDataset:
     return input_pipeline.eval_dataset(split, self.config, jax.process_index(), jax.process_count())
 
-  def evaluate(self, state: TrainState, split: input_pipeline.ImageSource) -> dict[str, Any]:
+  def evaluate(self, state: TrainState, split: input_pipeline.ImageSource) -> tuple[dict[str, Any], Scores]:
     return evaluate(self.eval_step, state, self.eval_data(split), self.config, self.batch_sharding)
 
 
@@ -191,7 +213,7 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: epath.Path | No
                          in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated),
                          donate_argnums=0),
       eval_step=jax.jit(functools.partial(eval_step, class_weights=class_weights),
-                        in_shardings=(state_shardings, batch_sharding), out_shardings=replicated))
+                        in_shardings=(state_shardings, batch_sharding), out_shardings=(replicated, replicated)))
 
 
 def _restore_or_initialize(experiment: Experiment,
@@ -253,7 +275,7 @@ def _train(experiment: Experiment, state: TrainState, train_iterator: grain.Data
         train_metrics = None
       if len(experiment.splits.validation) and (step % eval_every == 0 or is_last):
         with report_progress.timed("eval"):
-          summary = experiment.evaluate(state, experiment.splits.validation)
+          summary, _ = experiment.evaluate(state, experiment.splits.validation)
         writer.write_scalars(step, {k: v for k, v in summary.items() if k.startswith("eval_")})
       stop = preemption.should_stop(step)
       checkpointer.save(step, state, train_iterator, force=stop or is_last)
@@ -261,6 +283,61 @@ def _train(experiment: Experiment, state: TrainState, train_iterator: grain.Data
         logging.warning("Preempted at step %d: checkpoint saved; run the same command again to resume.", step)
         return state, True
   return state, False
+
+
+def _audit_data(experiment: Experiment, workdir: epath.Path) -> None:
+  """Checks before training whether file metadata alone separates the classes; warns loudly when it does."""
+  folders, config = experiment.splits.folders, experiment.config
+  if not folders:
+    logging.info("Shortcut audit skipped: it reads image files, and this run has none (synthetic or prepared data; "
+                 "run python -m flax_detector.audit on the original folder).")
+    return
+  records = [audit.AuditRecord(split, int(label), info) for split, folder in folders.items()
+             for info, label in zip(folder.infos, folder.labels)]
+  result = audit.audit_records(records, config.data.class_names, config.image_size)
+  workdir_module.write_json(workdir / workdir_module.AUDIT, result)
+  for line in audit.summary_lines(result):
+    logging.info("Audit: %s", line)
+  if result["shortcut"]:
+    logging.warning("!" * 100)
+    logging.warning("SHORTCUT: file metadata alone predicts the class (%.2f vs chance %.2f): %s. A high test "
+                    "accuracy on this folder is not evidence of detecting generators; see %s and the overlap "
+                    "accuracy in flax_detector.evaluate's report.", result["metadata_accuracy"],
+                    result["chance_accuracy"], result["finding"], workdir / workdir_module.AUDIT)
+    logging.warning("!" * 100)
+
+
+def _calibrate(experiment: Experiment, state: TrainState, positive: int) -> dict[str, Any]:
+  """Temperature and threshold fitted on the validation split (never on test)."""
+  if not len(experiment.splits.validation):
+    return {"temperature": 1.0, "threshold": 0.5, "fitted_on": "nothing: data.val_fraction=0 leaves no validation "
+                                                               "split, so scores are uncalibrated"}
+  _, scores = experiment.evaluate(state, experiment.splits.validation)
+  return report.fit_calibration(scores.log_probs, scores.labels, positive)
+
+
+def _final_evaluation(experiment: Experiment, state: TrainState, workdir: epath.Path,
+                      writer: metric_writers.MetricWriter) -> dict[str, Any]:
+  """Test metrics, the calibration fitted on validation, and the test split's figures in TensorBoard."""
+  config = experiment.config
+  class_names = list(config.data.class_names)
+  positive = class_names.index(config.data.positive_class)
+  step = int(jax.device_get(state.step))
+  final, test_scores = experiment.evaluate(state, experiment.splits.test)
+  fitted_calibration = _calibrate(experiment, state, positive)
+  fitted = report.Calibration(fitted_calibration["temperature"], fitted_calibration["threshold"])
+  final.update(split="test", checkpoint_step=step, class_names=class_names,
+               calibrated=report.summarize_scores(test_scores.log_probs, test_scores.labels, positive, fitted))
+  writer.write_scalars(step, {k.replace("eval_", "test_"): v for k, v in final.items() if k.startswith("eval_")})
+  if jax.process_index() == 0:
+    workdir_module.write_json(workdir / workdir_module.CALIBRATION, fitted_calibration)
+    logging.info("Calibration on validation: %s", fitted_calibration)
+    with tempfile.TemporaryDirectory() as figures:
+      names = report.write_score_figures(epath.Path(figures), test_scores.log_probs, test_scores.labels, positive,
+                                         class_names, fitted, final["calibrated"])
+      writer.write_images(step, {f"test/{name.removesuffix('.png')}": report_figures.figure_to_tensorboard_image(
+          epath.Path(figures) / name)[None] for name in names})
+  return final
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any] | None:
@@ -274,6 +351,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir_path.mkdir(parents=True, exist_ok=True)
   experiment = build_experiment(config, workdir_path)
   is_chief = jax.process_index() == 0
+  if is_chief:
+    _audit_data(experiment, workdir_path)
   with contextlib.ExitStack() as cleanup:
     # Only process 0 reports; the others hold a writer that writes nothing.
     writer = (metric_writers.create_default_writer(workdir, asynchronous=True) if is_chief
@@ -288,12 +367,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state, preempted = _train(experiment, state, train_iterator, checkpointer, writer)
     if preempted:
       return None
-    step = int(jax.device_get(state.step))
-    final = experiment.evaluate(state, experiment.splits.test)
-    final.update(split="test", checkpoint_step=step, class_names=list(config.data.class_names))
-    writer.write_scalars(step, {k.replace("eval_", "test_"): v for k, v in final.items() if k.startswith("eval_")})
+    final = _final_evaluation(experiment, state, workdir_path, writer)
     checkpointer.wait_until_finished()  # the checkpoint final_metrics.json names is on disk first
   if is_chief:
     workdir_module.write_json(workdir_path / workdir_module.FINAL_METRICS, final)
-    logging.info("Test metrics at step %d: %s", step, final)
+    logging.info("Test metrics at step %d: %s", final["checkpoint_step"], final)
   return final
