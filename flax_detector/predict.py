@@ -1,34 +1,64 @@
 """Classifies images with a trained detector: `python -m flax_detector.predict --workdir=DIR PATH...`.
 
-Writes CSV `path,p_ai,label` (one row per readable image) to stdout or --output. Unreadable files
-get a warning on stderr and no row; the exit code is non-zero only when no image could be read.
+Writes CSV `path,p_ai,label` (one row per readable image, LF line endings) to stdout or --output.
+p_ai is calibrated with the temperature fitted on the run's validation split, and the label uses the
+threshold chosen there (override with --threshold); --unsure=LO,HI labels scores inside that band
+`unsure`, because a score near the cut-off is not a verdict. Folders are indexed as training indexes
+them (symlinks followed once, hidden files skipped) and every file's header is checked against the
+run's data.max_image_pixels before it is decoded. Unreadable files get a warning on stderr and no
+row; the exit code is non-zero only when no image could be read.
 """
 
-from collections.abc import Iterator, Sequence
-from concurrent import futures
+from collections.abc import Sequence
 import contextlib
 import csv
+import dataclasses
+import os
 import sys
-from typing import Any
 
-from absl import app, flags, logging
+from absl import app, flags
 from etils import epath
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from flax_detector import preprocess, sharding
-from flax_detector import workdir as workdir_module
-from flax_detector.checkpoint import abstract_with_shardings, restore_model_variables
+from flax_detector import inference
 from flax_detector.data.decode import UnreadableImageError, read_image
-from flax_detector.data.folder import list_images
-from flax_detector.models import create_model, view_averaged_log_probs
+from flax_detector.data.folder import DEFAULT_MAX_IMAGE_PIXELS, list_images
+from flax_detector.data.probe import printable, probe_file
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir holding config.json and checkpoints/.")
 flags.DEFINE_string("output", None, "CSV file to write; stdout when unset.")
 flags.DEFINE_integer("batch_size", None, "Images per inference batch; defaults to the config's eval_batch_size.")
+flags.DEFINE_float("threshold", None, "Decision threshold on the calibrated p_ai; default: the one chosen on the "
+                   "run's validation split (calibration.json), or 0.5 for runs without one.")
+flags.DEFINE_list("unsure", None, "LO,HI: label images whose p_ai lies strictly between LO and HI `unsure`.")
+flags.DEFINE_bool("verbose", False, "Show library log lines (checkpoint restore, compilation) on stderr.")
 flags.mark_flag_as_required("workdir")
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+  """How a calibrated p_ai becomes a label."""
+
+  threshold: float
+  unsure: tuple[float, float] | None = None
+
+  def label(self, p_ai: float, positive_name: str, negative_name: str) -> str:
+    if self.unsure is not None and self.unsure[0] < p_ai < self.unsure[1]:
+      return "unsure"
+    return positive_name if p_ai >= self.threshold else negative_name
+
+
+def parse_unsure(values: Sequence[str] | None) -> tuple[float, float] | None:
+  if not values:
+    return None
+  try:
+    low, high = (float(value) for value in values)
+  except ValueError as error:
+    raise ValueError(f"--unsure={','.join(values)}: give two numbers LO,HI with 0 <= LO < HI <= 1") from error
+  if not 0.0 <= low < high <= 1.0:
+    raise ValueError(f"--unsure={low},{high}: need 0 <= LO < HI <= 1")
+  return low, high
 
 
 def expand_paths(paths: Sequence[str]) -> list[str]:
@@ -37,71 +67,51 @@ def expand_paths(paths: Sequence[str]) -> list[str]:
   for given in paths:
     path = epath.Path(given)
     if path.is_dir():
-      expanded.extend(str(image) for image in list_images(path))
+      expanded.extend(list_images(path))
     elif path.exists():
       expanded.append(given)
     else:
-      print(f"warning: {given}: no such file or folder", file=sys.stderr)
+      print(f"warning: {printable(given)}: no such file or folder", file=sys.stderr)
   return expanded
 
 
-def _load(path: str, image_size: int, mode: str, grid: int) -> np.ndarray | None:
-  try:
-    return preprocess.eval_transform(read_image(path), image_size, mode, grid)
-  except UnreadableImageError as error:
-    print(f"warning: skipping {error}", file=sys.stderr)
-    return None
+def _view_loader(detector: inference.Detector):
+  max_pixels = detector.config.data.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
+
+  def load_views(path: str) -> np.ndarray | None:
+    info = probe_file(path, max_pixels, decode=False)  # refuses an oversized image before decoding it
+    try:
+      if not info.ok:
+        raise UnreadableImageError(f"{printable(path)}: {info.error}")
+      return detector.views(read_image(path))
+    except UnreadableImageError as error:
+      print(f"warning: skipping {error}", file=sys.stderr)
+      return None
+
+  return load_views
 
 
-def _decoded_batches(paths: list[str], batch_size: int, image_size: int, mode: str,
-                     grid: int) -> Iterator[tuple[list[str], np.ndarray]]:
-  """(readable paths, uint8[batch_size, views, S, S, 3] padded) per batch; decoding runs in threads."""
-  with futures.ThreadPoolExecutor() as pool:
-    for start in range(0, len(paths), batch_size):
-      chunk = paths[start:start + batch_size]
-      loaded = list(pool.map(lambda p: _load(p, image_size, mode, grid), chunk))
-      readable = [(path, image) for path, image in zip(chunk, loaded) if image is not None]
-      if not readable:
-        continue
-      images = np.zeros((batch_size, grid**2, image_size, image_size, 3), np.uint8)
-      images[:len(readable)] = np.stack([image for _, image in readable])
-      yield [path for path, _ in readable], images
-
-
-def predict(workdir: str, paths: Sequence[str], output: str | None, batch_size: int | None) -> int:
+def predict(workdir: str, paths: Sequence[str], output: str | None, batch_size: int | None,
+            threshold: float | None = None, unsure: tuple[float, float] | None = None) -> int:
   """Writes the CSV and returns the number of images classified."""
-  workdir_path = epath.Path(workdir)
-  config = workdir_module.load_config(workdir_path)
-  class_names = list(config.data.class_names)
-  positive = class_names.index(config.data.positive_class)
-  model = create_model(config.model, len(class_names))
-  mesh = sharding.create_mesh()
-  batch_size = batch_size or config.eval_batch_size
-  sharding.check_divisible(batch_size, "--batch_size", mesh)
-
-  dummy = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.uint8)
-  abstract = jax.eval_shape(lambda: model.init({"params": jax.random.PRNGKey(0)}, dummy, train=False))
-  abstract = {"params": abstract["params"], "batch_stats": abstract.get("batch_stats", {})}
-  replicated = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
-  variables, step = restore_model_variables(workdir_path / workdir_module.CHECKPOINTS, abstract_with_shardings(abstract, replicated))
-  logging.info("Loaded checkpoint step %d from %s", step, workdir_path)
-
-  @jax.jit
-  def probabilities(variables: Any, images: jax.Array) -> jax.Array:
-    # Variables are an argument, not a closure: as constants they would be baked into the program.
-    return jnp.exp(view_averaged_log_probs(model.apply, variables, images))
-
-  batch_sharding = sharding.batch_sharding(mesh)
+  detector = inference.load_detector(workdir, batch_size)
+  names = detector.class_names
+  positive = detector.positive
+  negative_name = names[1 - positive] if len(names) == 2 else None
+  decision = Decision(detector.calibration.threshold if threshold is None else threshold, unsure)
   written = 0
   with open(output, "w", newline="") if output else contextlib.nullcontext(sys.stdout) as stream:
-    writer = csv.writer(stream)
+    writer = csv.writer(stream, lineterminator="\n")
     writer.writerow(["path", "p_ai", "label"])
-    for batch_paths, images in _decoded_batches(expand_paths(paths), batch_size, config.image_size,
-                                                config.data.preprocess, config.data.get("eval_grid", 1)):
-      probs = np.asarray(probabilities(variables, jax.device_put(images, batch_sharding)))[:len(batch_paths)]
-      for path, row in zip(batch_paths, probs):
-        writer.writerow([path, f"{row[positive]:.6f}", class_names[int(np.argmax(row))]])
+    for batch_paths, log_probs in inference.stream_scores(detector, expand_paths(paths), _view_loader(detector),
+                                                          "predict"):
+      probabilities = detector.calibration.probabilities(log_probs)
+      for path, row in zip(batch_paths, probabilities):
+        label = (decision.label(float(row[positive]), names[positive], negative_name) if negative_name
+                 else names[int(np.argmax(row))])
+        writer.writerow([printable(path), f"{row[positive]:.6f}", label])
       written += len(batch_paths)
+      stream.flush()
   return written
 
 
@@ -109,8 +119,11 @@ def main(argv: list[str]) -> None:
   paths = argv[1:]
   if not paths:
     raise app.UsageError("Give one or more image files or folders to classify.")
+  if not FLAGS.verbose:
+    inference.quiet_library_logs()
   try:
-    written = predict(FLAGS.workdir, paths, FLAGS.output, FLAGS.batch_size)
+    written = predict(FLAGS.workdir, paths, FLAGS.output, FLAGS.batch_size, FLAGS.threshold,
+                      parse_unsure(FLAGS.unsure))
   except (FileNotFoundError, ValueError) as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
@@ -120,4 +133,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   app.run(main)

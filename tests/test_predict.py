@@ -1,5 +1,6 @@
 import csv
 import io
+import json
 import subprocess
 import sys
 
@@ -36,13 +37,31 @@ def test_predict_writes_a_row_per_readable_image_and_warns_about_the_rest(traine
   assert result.stdout.splitlines()[0] == "path,p_ai,label"
   assert sorted(row["path"] for row in rows) == sorted(expected)
   assert all(0.0 <= float(row["p_ai"]) <= 1.0 for row in rows)
-  assert all(row["label"] == ("ai-generated" if float(row["p_ai"]) > 0.5 else "human-art") for row in rows
-             if abs(float(row["p_ai"]) - 0.5) > 1e-6)
+  threshold = json.loads((trained_workdir / "calibration.json").read_text())["threshold"]
+  assert all(row["label"] == ("ai-generated" if float(row["p_ai"]) >= threshold else "human-art") for row in rows)
+  assert "\r" not in result.stdout  # LF line endings
+  chatter = [line for line in result.stderr.splitlines() if not line.startswith(("warning:", "predict:"))]
+  assert not chatter, chatter  # no library log lines without --verbose
 
   output = tmp_path / "predictions.csv"
   assert _run_predict(f"--workdir={trained_workdir}", f"--output={output}", str(single)).returncode == 0
   with open(output, newline="") as stream:
     assert [row["path"] for row in csv.DictReader(stream)] == [str(single)]
+
+
+def test_threshold_override_and_unsure_band(trained_workdir, tmp_path):
+  image = tmp_path / "one.png"
+  Image.fromarray(SyntheticSource("test", 1, 32, 48)[0][0]).save(image)
+  p_ai = float(list(csv.DictReader(io.StringIO(_run_predict(f"--workdir={trained_workdir}", str(image)).stdout)))[0]["p_ai"])
+  below = _run_predict(f"--workdir={trained_workdir}", f"--threshold={min(1.0, p_ai + 0.01)}", str(image))
+  above = _run_predict(f"--workdir={trained_workdir}", f"--threshold={max(0.0, p_ai - 0.01)}", str(image))
+  unsure = _run_predict(f"--workdir={trained_workdir}", f"--unsure={max(0.0, p_ai - 0.01)},{min(1.0, p_ai + 0.01)}",
+                        str(image))
+  assert below.stdout.splitlines()[1].endswith(",human-art")
+  assert above.stdout.splitlines()[1].endswith(",ai-generated")
+  assert unsure.stdout.splitlines()[1].endswith(",unsure")
+  bad = _run_predict(f"--workdir={trained_workdir}", "--unsure=0.7,0.2", str(image))
+  assert bad.returncode == 2 and "--unsure" in bad.stderr
 
 
 def test_predict_fails_only_when_nothing_is_readable(trained_workdir, tmp_path):

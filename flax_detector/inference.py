@@ -1,0 +1,156 @@
+"""A trained detector for inference: restored variables, one compiled scoring function, batched streaming.
+
+`predict` and `evaluate` both score images outside any training run; both go through `Detector`, so
+they restore, preprocess (the run's crop side, eval grid and preprocess mode from its config.json) and
+calibrate exactly alike, and both compile one function for a fixed batch shape however many images
+they stream through it.
+"""
+
+from collections.abc import Callable, Iterator, Sequence
+from concurrent import futures
+import dataclasses
+import sys
+import time
+from typing import Any, TypeVar
+
+from absl import logging
+from etils import epath
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from flax_detector import preprocess, report, sharding
+from flax_detector import workdir as workdir_layout
+from flax_detector.checkpoint import abstract_with_shardings, restore_model_variables
+from flax_detector.models import create_model, view_averaged_log_probs
+
+Item = TypeVar("Item")
+
+
+@dataclasses.dataclass(frozen=True)
+class Detector:
+  """A restored run: its config, variables, calibration and the jitted view-averaged log-probabilities."""
+
+  config: ml_collections.ConfigDict
+  step: int
+  calibration: report.Calibration
+  batch_size: int
+  _variables: Any
+  _log_probs: Callable[[Any, jax.Array], jax.Array]
+  _batch_sharding: jax.sharding.NamedSharding
+
+  @property
+  def class_names(self) -> list[str]:
+    return list(self.config.data.class_names)
+
+  @property
+  def positive(self) -> int:
+    return self.class_names.index(self.config.data.positive_class)
+
+  def views(self, image: np.ndarray) -> np.ndarray:
+    """The evaluation views of a decoded image, exactly as training evaluated: uint8[V, S, S, 3]."""
+    data = self.config.data
+    return preprocess.eval_transform(image, self.config.image_size, data.preprocess, data.get("eval_grid", 1))
+
+  def log_probs(self, views: Sequence[np.ndarray]) -> np.ndarray:
+    """Uncalibrated log-probabilities float32[n, classes] of up to batch_size images' views."""
+    batch = np.zeros((self.batch_size,) + views[0].shape, np.uint8)
+    batch[:len(views)] = np.stack(views)
+    output = self._log_probs(self._variables, jax.device_put(batch, self._batch_sharding))
+    return np.asarray(output)[:len(views)]
+
+
+def load_detector(workdir: epath.PathLike, batch_size: int | None = None) -> Detector:
+  """Restores the newest usable checkpoint of a run for inference (no optimizer state)."""
+  workdir = epath.Path(workdir)
+  config = workdir_layout.load_config(workdir)
+  model = create_model(config.model, len(config.data.class_names))
+  mesh = sharding.create_mesh()
+  batch_size = batch_size or config.eval_batch_size
+  sharding.check_divisible(batch_size, "--batch_size", mesh)
+  variables_shape = jax.eval_shape(lambda: initial_variables(model, config.image_size))
+  replicated = jax.tree.map(lambda _: sharding.replicated(mesh), variables_shape)
+  variables, step = restore_model_variables(workdir / workdir_layout.CHECKPOINTS,
+                                            abstract_with_shardings(variables_shape, replicated))
+  logging.info("Loaded checkpoint step %d from %s", step, workdir)
+
+  @jax.jit
+  def log_probs(variables: Any, images: jax.Array) -> jax.Array:
+    # Variables are an argument, not a closure: as constants they would be baked into the program.
+    return view_averaged_log_probs(model.apply, variables, images)
+
+  return Detector(config=config, step=step, calibration=report.load_calibration(workdir), batch_size=batch_size,
+                  _variables=variables, _log_probs=log_probs, _batch_sharding=sharding.batch_sharding(mesh))
+
+
+def initial_variables(model: Any, image_size: int, key: jax.Array | None = None) -> dict[str, Any]:
+  """{"params", "batch_stats"} of a freshly initialised model; under jax.eval_shape, their shapes."""
+  dummy = jnp.zeros((1, image_size, image_size, 3), jnp.uint8)
+  variables = model.init({"params": jax.random.PRNGKey(0) if key is None else key}, dummy, train=False)
+  return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+
+class _LibraryFilter(logging.logging.Filter):
+  """Keeps Orbax's and JAX's notes (e.g. "read_only=True, setting create=False") off a command's stderr."""
+
+  _LIBRARIES = ("/orbax/", "/jax/", "/jaxlib/", "/grain/")
+
+  def filter(self, record: logging.logging.LogRecord) -> bool:
+    return record.levelno >= logging.logging.ERROR or not any(part in record.pathname for part in self._LIBRARIES)
+
+
+def quiet_library_logs() -> None:
+  """Commands whose stdout or report is the product show only their own warnings, unless --verbose."""
+  logging.get_absl_handler().addFilter(_LibraryFilter())
+  logging.set_verbosity(logging.WARNING)
+
+
+class Progress:
+  """A progress line on stderr: done/total, images/s and time left; redrawn in place on a terminal."""
+
+  def __init__(self, label: str, total: int, stream: Any = None):
+    self._label, self._total, self._done = label, total, 0
+    self._stream = stream or sys.stderr
+    self._start = self._last = time.monotonic()
+    self._interactive = self._stream.isatty()
+
+  def advance(self, count: int) -> None:
+    self._done += count
+    now = time.monotonic()
+    if now - self._last >= (0.25 if self._interactive else 10.0) or self._done >= self._total:
+      self._last = now
+      rate = self._done / max(now - self._start, 1e-9)
+      left = (self._total - self._done) / rate if rate else 0.0
+      line = f"{self._label}: {self._done}/{self._total} images, {rate:.1f} images/s, {left:.0f} s left"
+      self._stream.write(f"\r{line}\033[K" if self._interactive else f"{line}\n")
+      self._stream.flush()
+
+  def finish(self) -> float:
+    """Ends the line and returns images per second over the whole run."""
+    elapsed = time.monotonic() - self._start
+    if self._interactive:
+      self._stream.write("\n")
+    return self._done / max(elapsed, 1e-9)
+
+
+def stream_scores(detector: Detector, items: Sequence[Item], load_views: Callable[[Item], np.ndarray | None],
+                  label: str) -> Iterator[tuple[list[Item], np.ndarray]]:
+  """(items that loaded, their log-probabilities) per batch; the next batch decodes while this one runs.
+
+  `load_views(item)` returns the item's eval views, or None (after saying why) to leave it out.
+  """
+  progress = Progress(label, len(items))
+  chunks = [items[start:start + detector.batch_size] for start in range(0, len(items), detector.batch_size)]
+  with futures.ThreadPoolExecutor() as pool:
+    submitted = [[pool.submit(load_views, item) for item in chunk] for chunk in chunks[:1]]
+    for index, chunk in enumerate(chunks):
+      if index + 1 < len(chunks):
+        submitted.append([pool.submit(load_views, item) for item in chunks[index + 1]])
+      loaded = [future.result() for future in submitted.pop(0)]
+      kept = [(item, views) for item, views in zip(chunk, loaded) if views is not None]
+      if kept:
+        yield [item for item, _ in kept], detector.log_probs([views for _, views in kept])
+      progress.advance(len(chunk))
+  rate = progress.finish()
+  logging.info("%s: %d images at %.1f images/s", label, len(items), rate)
