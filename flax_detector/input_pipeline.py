@@ -22,7 +22,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from flax_detector import preprocess
+from flax_detector import preprocess, worker_lifetime
 from flax_detector import workdir as workdir_layout
 from flax_detector.config_validation import MIN_IMAGE_SIZE
 from flax_detector.data import array_record
@@ -58,24 +58,28 @@ def index_options(data: ml_collections.ConfigDict, workdir: epath.Path | None, p
                       update_cache=process_index == 0)
 
 
+def load_split(config: ml_collections.ConfigDict, split: str, workdir: epath.Path | None = None,
+               process_index: int = 0) -> ImageSource:
+  """One split ("train" or "test") of data.dir: a prepared copy, an image folder, or the synthetic set."""
+  data = config.data
+  if data.dir and array_record.is_prepared(data.dir):
+    # A folder written by flax_detector.prepare holds the same records, keys and order as the image folder.
+    return array_record.ArrayRecordImageSource(data.dir, split, data.class_names)
+  if data.dir:
+    return ImageFolderSource(data.dir, split, data.class_names, index_options(data, workdir, process_index))
+  if len(data.class_names) != 2:
+    raise ValueError(f"data.class_names={data.class_names}: the synthetic set has exactly 2 classes")
+  size = data.synthetic_train_size if split == "train" else data.synthetic_test_size
+  return SyntheticSource(split, size, data.synthetic_min_side, data.synthetic_max_side)
+
+
 def load_splits(config: ml_collections.ConfigDict, workdir: epath.Path | None = None,
                 process_index: int = 0) -> Splits:
   """Indexes data.dir (or builds the synthetic set) and carves the validation split from train/."""
   data = config.data
-  folders: dict[str, ImageFolderSource] = {}
-  if data.dir and array_record.is_prepared(data.dir):
-    # A folder written by flax_detector.prepare holds the same records, keys and order as the image folder.
-    full_train = array_record.ArrayRecordImageSource(data.dir, "train", data.class_names)
-    test = array_record.ArrayRecordImageSource(data.dir, "test", data.class_names)
-  elif data.dir:
-    options = index_options(data, workdir, process_index)
-    folders = {split: ImageFolderSource(data.dir, split, data.class_names, options) for split in ("train", "test")}
-    full_train, test = folders["train"], folders["test"]
-  else:
-    if len(data.class_names) != 2:
-      raise ValueError(f"data.class_names={data.class_names}: the synthetic set has exactly 2 classes")
-    full_train = SyntheticSource("train", data.synthetic_train_size, data.synthetic_min_side, data.synthetic_max_side)
-    test = SyntheticSource("test", data.synthetic_test_size, data.synthetic_min_side, data.synthetic_max_side)
+  full_train, test = (load_split(config, split, workdir, process_index) for split in ("train", "test"))
+  folders = {split: source for split, source in (("train", full_train), ("test", test))
+             if isinstance(source, ImageFolderSource)}
   train, validation = split_off_validation(full_train, data.val_fraction)
   num_classes = len(data.class_names)
   for name, split in (("train", train), ("validation", validation), ("test", test)):
@@ -211,9 +215,13 @@ def eval_dataset(source: ImageSource, config: ml_collections.ConfigDict, process
 
 def make_iterator(dataset: grain.MapDataset, worker_count: int, worker_buffer_size: int,
                   start: int = 0) -> grain.DatasetIterator:
-  """Iterates `dataset` from element `start`, decoding in `worker_count` Grain processes."""
+  """Iterates `dataset` from element `start`, decoding in `worker_count` Grain processes.
+
+  The workers exit when this process dies, even by SIGKILL (see worker_lifetime).
+  """
   iter_dataset = dataset[start:].to_iter_dataset()
   if worker_count > 0:
     iter_dataset = iter_dataset.mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=worker_buffer_size))
+        grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=worker_buffer_size),
+        worker_init_fn=worker_lifetime.worker_init_fn())
   return iter(iter_dataset)
