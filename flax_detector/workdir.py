@@ -20,6 +20,7 @@ SKIPPED_FILES = "skipped_files.txt"  # files of the data folder left out, one `p
 FILE_INDEX_CACHE = "file_index_cache.json"  # probe results by path, size and mtime, so resuming re-probes nothing
 CALIBRATION = "calibration.json"  # temperature and decision threshold fitted on the validation split
 REPORT = "report"  # default output folder of flax_detector.evaluate
+RUN_LOCK = "run.lock"  # held (flock) by the training run using the folder; JSON names its owner
 
 
 def is_url(path: epath.PathLike) -> bool:
