@@ -20,7 +20,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from flax_detector import audit, config_validation, input_pipeline, losses, metrics, report, report_figures, sharding
+from flax_detector import audit, config_validation, input_pipeline, losses, memory_guard, metrics, report, report_figures
+from flax_detector import sharding
 from flax_detector import workdir as workdir_module
 from flax_detector.checkpoint import Checkpointer, Topology, abstract_with_shardings
 from flax_detector.data.folder import skipped_lines
@@ -204,6 +205,9 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: epath.Path | No
   init_state = functools.partial(create_train_state, config, model, create_optimizer(config, learning_rate_fn))
   abstract_state = jax.eval_shape(init_state)
   state_shardings = sharding.state_shardings(abstract_state, mesh, config.sharding)
+  memory_guard.check_train_step(config.image_size, config.batch_size // jax.process_count(),
+                                config.model.width_multiplier, config.model.batch_norm, config.model.dtype,
+                                sharding.bytes_per_device(abstract_state.params, state_shardings.params))
   batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
   return Experiment(
       config=config, mesh=mesh, splits=splits, total_steps=total_steps, last_step=last_step,
