@@ -15,7 +15,7 @@ def test_activation_count_of_the_first_stage_by_hand():
 
 
 def test_a_step_that_cannot_fit_is_refused_before_compiling(make_config):
-  config = make_config(image_size=1000)
+  config = make_config(image_size=1000, data__crop_policy="pad")
   # build_experiment only wraps the steps in jax.jit; nothing is traced or compiled before the check.
   with mock.patch.object(memory_guard.psutil, "virtual_memory", return_value=mock.Mock(available=2**30)):
     with pytest.raises(ValueError, match=r"image_size=1000 .* GiB .*batch_size"):
