@@ -68,3 +68,16 @@ def test_without_a_data_dir_the_runs_test_split_is_scored(trained_workdir, tmp_p
   assert result["num_examples"] == final["num_examples"]
   assert result["accuracy"] == pytest.approx(final["calibrated"]["accuracy"])
   assert result["roc_auc"] == pytest.approx(final["calibrated"]["roc_auc"], abs=1e-6)
+
+
+def test_training_writes_calibration_and_test_figures_to_tensorboard(trained_workdir):
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+
+  calibration = json.loads((trained_workdir / "calibration.json").read_text())
+  assert calibration["fitted_on"] == "validation" and calibration["temperature"] > 0
+  assert 0.0 <= calibration["threshold"] <= 1.0
+  assert calibration["nll_after"] <= calibration["nll_before"] + 1e-9
+  accumulator = event_accumulator.EventAccumulator(str(trained_workdir), size_guidance={"tensors": 0})
+  accumulator.Reload()
+  tags = set(accumulator.Tags()["tensors"])
+  assert {f"test/{name}" for name in ("confusion_matrix", "roc", "pr", "score_histogram", "reliability")} <= tags
