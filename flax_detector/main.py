@@ -1,15 +1,27 @@
 """Command line entry point: `python -m flax_detector.main --config=configs/vgg16.py --workdir=DIR`.
 
-Intentionally short: flags, logging, then train.train_and_evaluate. Everything else is importable
-and testable on its own.
+Intentionally short: flags, logging, the workdir lock, then train.train_and_evaluate. Everything
+else is importable and testable on its own.
+
+Exit codes: 0 done (or stopped cleanly by a preemption, resumable), 2 a user error (a config value,
+a path, a workdir in use: one message naming it and the fix), 1 a run stopped by its environment
+(a full disk, a diverged loss: one message). Anything else is a bug and shows its traceback.
+`--verbose` adds tracebacks to those messages and keeps the INFO lines of JAX, Orbax and Grain.
 """
+
+import difflib
+import gc
+import importlib.util
+import sys
+import traceback
+from typing import Any, NoReturn
 
 from absl import app, flags, logging
 import jax
+import ml_collections
 from ml_collections import config_flags
 
-from flax_detector import distributed
-
+from flax_detector import distributed, errors, run_lock
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events and final_metrics.json.")
@@ -20,32 +32,126 @@ flags.DEFINE_string("coordinator_address", None,
                     "(SLURM and Cloud TPU VMs are detected; then leave the three flags unset).")
 flags.DEFINE_integer("num_processes", None, "Number of processes of the job (with --coordinator_address).")
 flags.DEFINE_integer("process_id", None, "This process's index in 0..num_processes-1 (with --coordinator_address).")
-flags.DEFINE_bool("verbose_libraries", False, "Keep Orbax's and Grain's INFO log lines (checkpoint internals).")
+flags.DEFINE_bool("verbose", False, "Show the traceback of user errors and keep the INFO log lines of JAX, Orbax and "
+                  "Grain (checkpoint internals, backend probing).", allow_override=True)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _LibraryInfoFilter(logging.logging.Filter):
-  """Drops Orbax's and Grain's INFO chatter (dozens of lines per checkpoint); their warnings still pass."""
+class _LibraryNoiseFilter(logging.logging.Filter):
+  """Drops Orbax's and Grain's INFO chatter (dozens of lines per checkpoint) and JAX's TPU probe elsewhere.
+
+  Their warnings still pass. The probe line ("Unable to initialize backend 'tpu': ... libtpu.so") is
+  JAX looking for a TPU library that only TPU machines have. Orbax's own tracebacks of an OSError in a
+  background save are dropped too: the error is raised again at the next save or wait, where the run
+  reports it in one line (checkpoint.CheckpointWriteError).
+  """
 
   _QUIET = ("/orbax/", "/grain/")
 
   def filter(self, record: logging.logging.LogRecord) -> bool:
-    return record.levelno >= logging.logging.WARNING or not any(part in record.pathname for part in self._QUIET)
+    if "/orbax/" in record.pathname and record.exc_info and isinstance(record.exc_info[1], OSError):
+      return False
+    if record.levelno >= logging.logging.WARNING:
+      return True
+    if record.pathname.endswith("xla_bridge.py") and "libtpu" in record.getMessage():
+      return False
+    return not any(part in record.pathname for part in self._QUIET)
+
+
+def _dotted_fields(config: dict[str, Any], prefix: str = "") -> list[str]:
+  fields = []
+  for key, value in config.items():
+    fields.extend(_dotted_fields(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"])
+  return fields
+
+
+def _config_fields(argv: list[str]) -> list[str]:
+  """Every dotted field of the --config file given in argv (loaded again: the flag failed to parse)."""
+  spec = next(arg.split("=", 1)[1] for arg in argv if arg.startswith("--config="))
+  path, _, preset = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_config_for_hint", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(preset) if preset else module.get_config()
+  return _dotted_fields(config.to_dict())
+
+
+def _unknown_override_message(argv: list[str], error: Exception) -> str:
+  """Names the --config.x override that is not a field, and the closest field."""
+  try:
+    fields = _config_fields(argv)
+  except Exception:  # pylint: disable=broad-except -- the hint is best effort; the error below still says what
+    return f"a --config.* override does not name a config field ({error})"
+  overrides = [arg[len("--config."):].split("=", 1)[0] for arg in argv if arg.startswith("--config.")]
+  unknown = next((name for name in overrides if name not in fields), None)
+  if unknown is None:
+    return f"a --config.* override does not name a config field ({error})"
+  close = difflib.get_close_matches(unknown, fields, n=1, cutoff=0.5)
+  hint = f"did you mean --config.{close[0]}?" if close else "see the config file for its fields."
+  return f"--config.{unknown}: the config has no field {unknown!r}; {hint}"
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing; an unknown --config.x override (ml_collections raises) is a user error."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as error:
+    print(f"error: {_unknown_override_message(argv, error)}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _fail(error: Exception, exit_code: int) -> NoReturn:
+  if FLAGS.verbose:
+    traceback.print_exception(error)
+  print(f"error: {error}", file=sys.stderr)
+  sys.exit(exit_code)
+
+
+def _load_config() -> ml_collections.ConfigDict:
+  """FLAGS.config, loaded; a config file that cannot be loaded is a user error."""
+  try:
+    FLAGS.config.keys()  # loading is lazy and fails on first use
+  except OSError as error:
+    last_line = str(error).strip().splitlines()[-1].strip()
+    raise errors.UserError(f"--config: cannot load {FLAGS['config'].config_filename}: {last_line}") from error
+  return FLAGS.config
+
+
+def _run() -> None:
+  with errors.as_user_errors():
+    config = _load_config()
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  with run_lock.hold(FLAGS.workdir, jax.process_index()):
+    # Imported here, not at the top: Grain's worker processes re-import this module when they start,
+    # and should not pay for TensorFlow (pulled in by CLU's writers) to decode images.
+    from flax_detector import train  # pylint: disable=g-import-not-at-top
+
+    logging.info("JAX process %d of %d, local devices %s", jax.process_index(), jax.process_count(),
+                 jax.local_devices())
+    train.train_and_evaluate(config, FLAGS.workdir)
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not FLAGS.verbose_libraries:
-    logging.get_absl_handler().addFilter(_LibraryInfoFilter())
-  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  # Imported here, not at the top: Grain's worker processes re-import this module when they start,
-  # and should not pay for TensorFlow (pulled in by CLU's writers) to decode images.
-  from flax_detector import train  # pylint: disable=g-import-not-at-top
-
-  logging.info("JAX process %d of %d, local devices %s", jax.process_index(), jax.process_count(), jax.local_devices())
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  if not FLAGS.verbose:
+    logging.get_absl_handler().addFilter(_LibraryNoiseFilter())
+  # A Grain batch still in flight when an iterator closes is unlinked at exit by multiprocessing's resource
+  # tracker, which warns about "leaked shared_memory objects" though nothing is lost. The tracker process
+  # (started with the first Grain worker) takes its warning filters from this process's -W options.
+  sys.warnoptions.append("ignore:resource_tracker:UserWarning")
+  try:
+    _run()
+  except errors.UserError as error:
+    _fail(error, 2)
+  except errors.RunStoppedError as error:
+    _fail(error, 1)
+  finally:
+    # Grain's last batch of each iterator sits in a reference cycle (a prefetch thread's frame kept by its
+    # final exception) and frees its shared memory only when collected; the collector does not run before
+    # exit, and the resource tracker would then warn about "leaked shared_memory objects".
+    gc.collect()
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -22,6 +22,7 @@ import optax
 
 from flax_detector import audit, config_validation, input_pipeline, losses, memory_guard, metrics, report, report_figures
 from flax_detector import sharding
+from flax_detector import errors
 from flax_detector import workdir as workdir_module
 from flax_detector.checkpoint import Checkpointer, Topology, abstract_with_shardings
 from flax_detector.data.folder import skipped_lines
@@ -222,7 +223,7 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: epath.Path | No
 
 def _restore_or_initialize(experiment: Experiment,
                            checkpointer: Checkpointer) -> tuple[TrainState, grain.DatasetIterator]:
-  """The newest checkpoint's state and data position, or a fresh state at step 0."""
+  """The newest restorable checkpoint's state and data position, or a fresh state at step 0."""
   config = experiment.config
   train_data = input_pipeline.train_dataset(experiment.splits.train, config, jax.process_index(),
                                             jax.process_count())
@@ -231,12 +232,11 @@ def _restore_or_initialize(experiment: Experiment,
     return input_pipeline.make_iterator(train_data, config.data.worker_count, config.data.worker_buffer_size,
                                         start_step)
 
-  latest = checkpointer.latest_step()
-  if latest is None:
+  restored = checkpointer.restore_latest(
+      abstract_with_shardings(experiment.abstract_state, experiment.state_shardings), make_train_iterator)
+  if restored is None:
     return jax.jit(experiment.init_state, out_shardings=experiment.state_shardings)(), make_train_iterator(0)
-  logging.info("Resuming from checkpoint step %d in %s", latest, checkpointer.directory)
-  return checkpointer.restore(latest, abstract_with_shardings(experiment.abstract_state, experiment.state_shardings),
-                              make_train_iterator)
+  return restored
 
 
 def _log_start(experiment: Experiment, state: TrainState, workdir: epath.Path,
@@ -255,14 +255,32 @@ def _log_start(experiment: Experiment, state: TrainState, workdir: epath.Path,
     writer.write_hparams({k: str(v) for k, v in config.to_dict().items() if not isinstance(v, dict)})
 
 
+def _stop_if_not_finite(loss: float, first_step: int, step: int, checkpointer: Checkpointer) -> None:
+  """Ends the run before a diverged state is evaluated or saved, so the newest checkpoint stays usable.
+
+  Checked where the host reads the loss anyway (log steps) and before each save, never every step:
+  reading a device value each step would make the host wait for the device.
+  """
+  if np.isfinite(loss):
+    return
+  raise errors.RunStoppedError(
+      f"training loss is {loss} at step {step} (the mean over steps {first_step}..{step}); the run stopped "
+      f"without saving this state. The newest checkpoint (step {checkpointer.latest_step()}) holds the last "
+      f"finite one: lower learning_rate or check the data, then run again.")
+
+
 def _train(experiment: Experiment, state: TrainState, train_iterator: grain.DatasetIterator,
            checkpointer: Checkpointer, writer: metric_writers.MetricWriter) -> tuple[TrainState, bool]:
-  """Runs steps up to experiment.last_step; returns (state, whether a preemption stopped it)."""
+  """Runs steps up to experiment.last_step; returns (state, whether a preemption stopped it).
+
+  Raises errors.RunStoppedError when the training loss turns NaN or infinite.
+  """
   config = experiment.config
   eval_every = _every(config.eval_every_steps, experiment.steps_per_epoch)
   report_progress = periodic_actions.ReportProgress(num_train_steps=experiment.last_step, writer=writer)
   train_metrics = None
   step = int(jax.device_get(state.step))
+  unlogged_from = step + 1  # the first step train_metrics holds
   with PreemptionGuard(checkpointer) as preemption:
     while step < experiment.last_step:
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -276,13 +294,18 @@ def _train(experiment: Experiment, state: TrainState, train_iterator: grain.Data
         scalars = {name: float(value) for name, value in jax.device_get(train_metrics.compute()).items()}
         scalars["learning_rate"] = float(experiment.learning_rate_fn(step - 1))
         writer.write_scalars(step, scalars)
-        train_metrics = None
+        _stop_if_not_finite(scalars["train_loss"], unlogged_from, step, checkpointer)
+        train_metrics, unlogged_from = None, step + 1
       if len(experiment.splits.validation) and (step % eval_every == 0 or is_last):
         with report_progress.timed("eval"):
           summary, _ = experiment.evaluate(state, experiment.splits.validation)
         writer.write_scalars(step, {k: v for k, v in summary.items() if k.startswith("eval_")})
       stop = preemption.should_stop(step)
-      checkpointer.save(step, state, train_iterator, force=stop or is_last)
+      if checkpointer.will_save(step, force=stop or is_last):
+        if train_metrics is not None:  # steps since the last log: never save a diverged state
+          _stop_if_not_finite(float(jax.device_get(train_metrics.compute()["train_loss"])), unlogged_from, step,
+                              checkpointer)
+        checkpointer.save(step, state, train_iterator, force=True)
       if stop:
         logging.warning("Preempted at step %d: checkpoint saved; run the same command again to resume.", step)
         return state, True
@@ -350,10 +373,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Returns the final test metrics, also written to workdir/final_metrics.json by process 0, or None
   when a preemption stopped training after saving a checkpoint.
   """
-  config_validation.validate(config)
-  workdir_path = epath.Path(workdir)
-  workdir_path.mkdir(parents=True, exist_ok=True)
-  experiment = build_experiment(config, workdir_path)
+  with errors.as_user_errors():  # before training, a ValueError or OSError names a setting, file or folder
+    config_validation.validate(config)
+    workdir_path = epath.Path(workdir)
+    workdir_path.mkdir(parents=True, exist_ok=True)
+    experiment = build_experiment(config, workdir_path)
   is_chief = jax.process_index() == 0
   if is_chief:
     _audit_data(experiment, workdir_path)
