@@ -41,6 +41,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       (config.batch_size > 0 and config.eval_batch_size > 0,
        f"batch_size={config.batch_size}, eval_batch_size={config.eval_batch_size}: must be positive"),
       (config.num_epochs >= 1, f"num_epochs={config.num_epochs}: must be >= 1"),
+      (config.min_train_steps >= 0, f"min_train_steps={config.min_train_steps}: must be >= 0"),
       (config.learning_rate > 0, f"learning_rate={config.learning_rate}: must be positive"),
       (config.warmup_epochs >= 0, f"warmup_epochs={config.warmup_epochs}: must be >= 0"),
       (config.log_every_steps >= 1, f"log_every_steps={config.log_every_steps}: must be >= 1"),

@@ -102,11 +102,18 @@ def crop_size(config: ml_collections.ConfigDict, train: ImageSource) -> int:
   return preprocess.shared_crop_size(train.sizes, config.image_size, data.shared_crop_quantile, MIN_IMAGE_SIZE)
 
 
+def num_epochs(num_records: int, config: ml_collections.ConfigDict) -> int:
+  """Passes over the training split: num_epochs, or more when that many are needed to reach min_train_steps."""
+  needed = math.ceil(config.min_train_steps * config.batch_size / max(num_records, 1))
+  return max(config.num_epochs, needed)
+
+
 def num_train_steps(num_records: int, config: ml_collections.ConfigDict) -> int:
-  """Steps the schedule spans: whole global batches in num_epochs passes over the training split."""
-  steps = (config.num_epochs * num_records) // config.batch_size
+  """Steps the schedule spans: whole global batches in num_epochs(...) passes over the training split."""
+  epochs = num_epochs(num_records, config)
+  steps = (epochs * num_records) // config.batch_size
   if steps < 1:
-    raise ValueError(f"batch_size={config.batch_size} exceeds the {config.num_epochs} epoch(s) of "
+    raise ValueError(f"batch_size={config.batch_size} exceeds the {epochs} epoch(s) of "
                      f"{num_records} training images: lower batch_size or raise num_epochs")
   return steps
 
@@ -191,7 +198,7 @@ def train_dataset(source: ImageSource, config: ml_collections.ConfigDict, proces
   num_records = len(source)
   local_batch = _local_batch_size(config.batch_size, process_count, "batch_size")
   steps = num_train_steps(num_records, config)
-  positions = (grain.MapDataset.range(num_records).shuffle(seed=config.seed).repeat(config.num_epochs)
+  positions = (grain.MapDataset.range(num_records).shuffle(seed=config.seed).repeat(num_epochs(num_records, config))
                .map_with_index(_RecordAndEpoch(num_records)).batch(local_batch, drop_remainder=True))
   local = positions[: steps * process_count][process_index::process_count]
   loader = _LoadTrainBatch(source, config.seed, config.image_size, config.data.preprocess,

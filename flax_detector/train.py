@@ -150,7 +150,7 @@ class Experiment:
   config: ml_collections.ConfigDict
   mesh: jax.sharding.Mesh
   splits: input_pipeline.Splits
-  total_steps: int  # the schedule's length: num_epochs over the training split
+  total_steps: int  # the schedule's length: input_pipeline.num_epochs passes over the training split
   last_step: int  # where this run stops: total_steps, or num_train_steps when that is smaller
   steps_per_epoch: float
   learning_rate_fn: optax.Schedule
@@ -199,7 +199,11 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: epath.Path | No
   logging.info("Class weights %s from training counts %s", class_weights.tolist(), counts.tolist())
 
   total_steps = input_pipeline.num_train_steps(len(splits.train), config)
-  steps_per_epoch = total_steps / config.num_epochs
+  epochs = input_pipeline.num_epochs(len(splits.train), config)
+  if epochs > config.num_epochs:
+    logging.info("%d epochs instead of num_epochs=%d, so the schedule spans min_train_steps=%d steps on %d images",
+                 epochs, config.num_epochs, config.min_train_steps, len(splits.train))
+  steps_per_epoch = total_steps / epochs
   last_step = min(total_steps, config.num_train_steps) if config.num_train_steps > 0 else total_steps
   learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch, total_steps)
   model = create_model(config.model, len(config.data.class_names))

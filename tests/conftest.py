@@ -22,6 +22,7 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
   config.batch_size = 16
   config.eval_batch_size = 24  # 3 per device: the last eval batch is partial and must be padded
   config.num_epochs = 2
+  config.min_train_steps = 0
   config.model.width_multiplier = 1 / 16
   config.data.worker_count = 0
   config.data.eval_grid = 2
