@@ -3,9 +3,9 @@
 Scores a folder (one subfolder per class name, e.g. DATA/test; default: the run's own test split) with
 the run's newest usable checkpoint and its validation-fitted calibration, and writes OUT (default
 DIR/report/): report.json with exact metrics over every image, PNG figures, one self-contained
-report.html, a robustness table (the same images re-compressed, down-scaled and blurred) and, when the
-training folder's audit found a metadata shortcut, the accuracy on the images where the classes'
-metadata overlap, because only there does accuracy measure the detector rather than the file sizes.
+report.html, a robustness table (the same images re-compressed, down-scaled and blurred), the training
+folder's shortcut audit, and the same audit of the scored images with the accuracy where their classes'
+sizes and formats overlap, because only there does accuracy measure the detector rather than the files.
 """
 
 from collections.abc import Callable, Sequence
@@ -75,23 +75,26 @@ def _score(detector: inference.Detector, evaluation: EvaluationSet, label: str,
   return np.asarray(indices, np.int64), np.concatenate(log_probs)
 
 
-def _overlap(workdir: epath.Path, evaluation: EvaluationSet, correct: np.ndarray,
-             indices: np.ndarray) -> dict[str, Any] | None:
-  """Accuracy where the training folder's metadata cannot tell the classes apart, when its audit found a shortcut."""
-  path = workdir / workdir_layout.AUDIT
-  if not path.exists():
-    return None
-  audited = workdir_layout.read_json(path)
-  if not audited["shortcut"]:
-    return None
+def _metadata_check(evaluation: EvaluationSet, indices: np.ndarray, labels: np.ndarray, correct: np.ndarray,
+                    class_names: Sequence[str], crop_size: int) -> dict[str, Any]:
+  """Does this folder's metadata give the labels away, and how accurate is the detector where it cannot?
+
+  The audit runs on the scored images themselves: the overlap is where both of *these* classes have
+  the same sizes and formats, so accuracy there measures the detector and not the files.
+  """
   if evaluation.infos is None:
     return {"num_examples": 0, "note": "the evaluated images are not files, so their metadata is unknown"}
-  inside = audit.overlap_mask(audited, [evaluation.infos[index] for index in indices])
+  infos = [evaluation.infos[index] for index in indices]
+  folder_audit = audit.audit_records([audit.AuditRecord("evaluated", int(label), info)
+                                      for label, info in zip(labels, infos)], class_names, crop_size)
+  inside = audit.overlap_mask(folder_audit, infos)
+  check = {key: folder_audit[key] for key in ("metadata_accuracy", "chance_accuracy", "shortcut", "finding",
+                                               "overlap_ranges")}
   if not inside.any():
-    return {"num_examples": 0, "note": "no image of this folder lies where the classes' metadata overlap, so its "
-                                       "accuracy cannot be separated from what the metadata gives away"}
-  return {"num_examples": int(inside.sum()), "accuracy": float(correct[inside].mean()),
-          "ranges": audited["overlap_ranges"]}
+    return {**check, "num_examples": 0,
+            "note": "no image of this folder lies where the classes' sizes and formats overlap, so its accuracy "
+                    "cannot be separated from what the metadata gives away"}
+  return {**check, "num_examples": int(inside.sum()), "accuracy": float(correct[inside].mean())}
 
 
 def _mistakes(evaluation: EvaluationSet, indices: np.ndarray, p_ai: np.ndarray, is_ai: np.ndarray,
@@ -136,10 +139,9 @@ def evaluate(workdir: str, data_dir: str | None = None, output_dir: str | None =
   result = {**summary, "checkpoint_step": detector.step, "class_names": names, "data": evaluation.description,
             "positive_class": names[positive],
             "robustness": _robustness_rows(detector, evaluation, summary) if with_robustness else []}
-  overlap = _overlap(workdir_path, evaluation, correct, indices)
-  if overlap is not None:
-    result["audit"] = workdir_layout.read_json(workdir_path / workdir_layout.AUDIT)
-    result["metadata_overlap"] = overlap
+  result["metadata_overlap"] = _metadata_check(evaluation, indices, labels, correct, names, detector.config.image_size)
+  if (workdir_path / workdir_layout.AUDIT).exists():
+    result["audit"] = workdir_layout.read_json(workdir_path / workdir_layout.AUDIT)  # the training folder's
   figures = report.write_score_figures(out, log_probs, labels, positive, names, detector.calibration, summary)
   if with_robustness:
     report_figures.robustness_figure(result["robustness"], out / "robustness.png")

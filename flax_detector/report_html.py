@@ -72,16 +72,24 @@ def _robustness(rows: Sequence[dict[str, Any]]) -> str:
                    [(row["name"], row.get("accuracy"), row.get("roc_auc")) for row in rows]))
 
 
-def _audit(audit: dict[str, Any], overlap: dict[str, Any] | None) -> str:
-  """The shortcut audit: can file metadata alone (size, format, ...) tell the classes apart?"""
-  parts = ["<h2>Shortcut audit</h2>"]
+def _audit(audit: dict[str, Any]) -> str:
+  """The training folder's shortcut audit: can file metadata alone (size, format, ...) tell the classes apart?"""
   css_class = ' class="warning"' if audit.get("shortcut") else ""
-  parts.append(f"<p{css_class}>{html.escape(str(audit.get('finding', 'no finding recorded')))}</p>")
-  parts.append(_table(("", "accuracy"), [("metadata-only classifier (held out)", audit.get("metadata_accuracy")),
-                                         ("chance (majority class)", audit.get("chance_accuracy"))]))
-  if overlap is not None:
-    rows = [(key.replace("_", " "), value) for key, value in overlap.items()]
-    parts.append("<h3>Test images whose metadata every class shares</h3>" + _table(("", "value"), rows))
+  return ("<h2>Shortcut audit of the training folder</h2>"
+          f"<p{css_class}>{html.escape(str(audit.get('finding', 'no finding recorded')))}</p>"
+          + _table(("", "accuracy"), [("metadata-only classifier (held out)", audit.get("metadata_accuracy")),
+                                      ("chance (majority class)", audit.get("chance_accuracy"))]))
+
+
+def _metadata_overlap(overlap: dict[str, Any]) -> str:
+  """The same audit of the scored images, and the accuracy where their metadata cannot give the answer."""
+  css_class = ' class="warning"' if overlap.get("shortcut") else ""
+  parts = ["<h2>Where metadata cannot give the answer</h2>"]
+  if "finding" in overlap:
+    parts.append(f"<p{css_class}>These images: {html.escape(str(overlap['finding']))}</p>")
+  rows = [(key.replace("_", " "), value) for key, value in overlap.items()
+          if key not in ("finding", "shortcut") and not isinstance(value, dict)]
+  parts.append(_table(("", "value"), rows))
   return "".join(parts)
 
 
@@ -107,8 +115,10 @@ def write_html(path: epath.PathLike, report: dict[str, Any], figure_names: Seque
     sections.append(_confusion(report))
   if report.get("robustness"):
     sections.append(_robustness(report["robustness"]))
+  if report.get("metadata_overlap"):
+    sections.append(_metadata_overlap(report["metadata_overlap"]))
   if report.get("audit"):
-    sections.append(_audit(report["audit"], report.get("metadata_overlap")))
+    sections.append(_audit(report["audit"]))
   if figure_names:
     figures = [_figure(path.parent / name) for name in figure_names]
     sections.append("<h2>Figures</h2>" + "".join(figures))

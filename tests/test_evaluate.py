@@ -49,6 +49,8 @@ def test_report_agrees_with_sklearn_on_predicts_csv(trained_workdir, labelled_fo
   calibration = json.loads((trained_workdir / "calibration.json").read_text())
   assert result["threshold"] == calibration["threshold"] and result["temperature"] == calibration["temperature"]
 
+  overlap = result["metadata_overlap"]  # both classes share sizes and formats here: the overlap is not empty
+  assert overlap["shortcut"] is False and 0 < overlap["num_examples"] <= 24 and 0.0 <= overlap["accuracy"] <= 1.0
   names = [row["name"] for row in result["robustness"]]
   assert names == ["clean", "jpeg_q90", "jpeg_q75", "jpeg_q50", "downscale_0.5", "downscale_0.25", "blur_sigma1",
                    "png_to_jpeg_q95"]
@@ -81,3 +83,14 @@ def test_training_writes_calibration_and_test_figures_to_tensorboard(trained_wor
   accumulator.Reload()
   tags = set(accumulator.Tags()["tensors"])
   assert {f"test/{name}" for name in ("confusion_matrix", "roc", "pr", "score_histogram", "reliability")} <= tags
+
+
+def test_metadata_check_says_when_the_classes_never_share_sizes():
+  from flax_detector.data.probe import ImageInfo  # pylint: disable=g-import-not-at-top
+
+  infos = [ImageInfo(f"{i}.png", 1000, 0.0, 60 + i % 7, 60 + i % 5, "PNG", "RGB") for i in range(20)]
+  infos += [ImageInfo(f"{i}.jpg", 9000, 0.0, 500 + i % 7, 512, "JPEG", "RGB", 90) for i in range(20)]
+  labels = np.array([0] * 20 + [1] * 20)
+  evaluation = evaluate.EvaluationSet(source=None, infos=infos, description="confounded")
+  check = evaluate._metadata_check(evaluation, np.arange(40), labels, np.ones(40, bool), CLASSES, 64)
+  assert check["shortcut"] is True and check["num_examples"] == 0 and "cannot be separated" in check["note"]
