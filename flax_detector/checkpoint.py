@@ -16,12 +16,14 @@ from collections.abc import Callable, Iterator
 import contextlib
 import dataclasses
 import shutil
+import time
 from typing import Any, TypeVar
 
 from absl import logging
 from etils import epath
 import grain
 import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 from flax_detector import errors, workdir
@@ -116,8 +118,29 @@ class Checkpointer:
       return None
     restored, step = newest_restorable(self._manager, self.directory,
                                        lambda step: self.restore(step, abstract_state, make_data_iterator))
+    self._set_aside_newer_than(step)
     logging.info("Resumed from checkpoint step %d in %s", step, self.directory)
     return restored
+
+  def _set_aside_newer_than(self, step: int) -> None:
+    """Moves the unrestorable steps after `step` out of the way, kept for inspection, never deleted.
+
+    Training from `step` reaches their step numbers again, and Orbax refuses to save over an existing
+    step; a later resume should not try them again either.
+    """
+    newer = [later for later in self._manager.all_steps() if later > step]
+    if not newer:
+      return
+    if jax.process_index() == 0:
+      aside = self.directory.parent / workdir.UNRESTORABLE_CHECKPOINTS
+      aside.mkdir(parents=True, exist_ok=True)
+      for later in newer:
+        target = aside / f"{later}-{time.strftime('%Y%m%dT%H%M%S')}"
+        (self.directory / str(later)).rename(target)
+        logging.warning("Moved the unrestorable checkpoint of step %d to %s; training continues from step %d.",
+                        later, target, step)
+    multihost_utils.sync_global_devices("flax_detector_checkpoints_set_aside")
+    self._manager.reload()
 
   def restore(self, step: int, abstract_state: Any,
               make_data_iterator: Callable[[int], grain.DatasetIterator]) -> tuple[Any, grain.DatasetIterator]:

@@ -14,6 +14,7 @@ import ml_collections
 
 CONFIG = "config.json"  # the config of the last run, read back by predict and evaluate
 CHECKPOINTS = "checkpoints"  # Orbax checkpoints of train state + data iterator
+UNRESTORABLE_CHECKPOINTS = "unrestorable_checkpoints"  # damaged steps a resume skipped, kept for inspection
 FINAL_METRICS = "final_metrics.json"  # test metrics after training
 AUDIT = "audit.json"  # dataset shortcut audit, written at the start of training
 SKIPPED_FILES = "skipped_files.txt"  # files of the data folder left out, one `path<TAB>reason` per line

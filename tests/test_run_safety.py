@@ -1,6 +1,7 @@
 """A run is never counted wrong or lost: bad checkpoints, full disks, a busy workdir, orphans, NaN, user errors."""
 
 import errno
+import json
 import os
 import shutil
 import signal
@@ -66,6 +67,17 @@ def test_training_resumes_from_the_newest_checkpoint_that_restores(checkpoints_c
     state, iterator = train._restore_or_initialize(experiment, checkpointer)  # pylint: disable=protected-access
     iterator.close()
   assert int(state.step) == OLDER
+
+
+def test_a_run_resumed_past_a_damaged_checkpoint_finishes_as_if_never_stopped(trained_workdir, make_config, tmp_path):
+  """The damaged step is moved aside (kept), so the resumed run can write that step again."""
+  shutil.copytree(trained_workdir / "checkpoints", tmp_path / "checkpoints")
+  _break(tmp_path / "checkpoints" / str(NEWEST), "manifest_deleted")
+  final = train.train_and_evaluate(make_config(), str(tmp_path))
+  assert final["checkpoint_step"] == NEWEST
+  assert final == json.loads((trained_workdir / "final_metrics.json").read_text())
+  aside = list((tmp_path / "unrestorable_checkpoints").iterdir())
+  assert len(aside) == 1 and aside[0].name.startswith(f"{NEWEST}-")
 
 
 def test_no_restorable_checkpoint_is_a_clear_error(checkpoints_copy, make_config):
