@@ -16,14 +16,13 @@ from typing import Any, TypeVar
 from absl import logging
 from etils import epath
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from flax_detector import preprocess, report, sharding
 from flax_detector import workdir as workdir_layout
 from flax_detector.checkpoint import abstract_with_shardings, restore_model_variables
-from flax_detector.models import create_model, view_averaged_log_probs
+from flax_detector.models import create_model, init_variables, view_averaged_log_probs
 
 Item = TypeVar("Item")
 
@@ -69,7 +68,7 @@ def load_detector(workdir: epath.PathLike, batch_size: int | None = None) -> Det
   mesh = sharding.create_mesh()
   batch_size = batch_size or config.eval_batch_size
   sharding.check_divisible(batch_size, "--batch_size", mesh)
-  variables_shape = jax.eval_shape(lambda: initial_variables(model, config.image_size))
+  variables_shape = jax.eval_shape(lambda: init_variables(model, config.image_size, jax.random.PRNGKey(0)))
   replicated = jax.tree.map(lambda _: sharding.replicated(mesh), variables_shape)
   variables, step = restore_model_variables(workdir / workdir_layout.CHECKPOINTS,
                                             abstract_with_shardings(variables_shape, replicated))
@@ -82,13 +81,6 @@ def load_detector(workdir: epath.PathLike, batch_size: int | None = None) -> Det
 
   return Detector(config=config, step=step, calibration=report.load_calibration(workdir), batch_size=batch_size,
                   _variables=variables, _log_probs=log_probs, _batch_sharding=sharding.batch_sharding(mesh))
-
-
-def initial_variables(model: Any, image_size: int, key: jax.Array | None = None) -> dict[str, Any]:
-  """{"params", "batch_stats"} of a freshly initialised model; under jax.eval_shape, their shapes."""
-  dummy = jnp.zeros((1, image_size, image_size, 3), jnp.uint8)
-  variables = model.init({"params": jax.random.PRNGKey(0) if key is None else key}, dummy, train=False)
-  return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
 
 class _LibraryFilter(logging.logging.Filter):

@@ -93,6 +93,16 @@ def create_model(model_config: Any, num_classes: int) -> VGG16:
                dtype=jnp.dtype(model_config.dtype))
 
 
+def init_variables(model: nn.Module, image_size: int, key: jax.Array) -> dict[str, Any]:
+  """{"params", "batch_stats"} of a freshly initialised model (under jax.eval_shape, their shapes).
+
+  The parameter shapes do not depend on image_size (adaptive pooling); the dummy input only has to pass.
+  """
+  dummy = jnp.zeros((1, image_size, image_size, 3), jnp.uint8)
+  variables = model.init({"params": key}, dummy, train=False)
+  return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+
 def view_averaged_log_probs(apply_fn: Any, variables: Any, images: jnp.ndarray) -> jnp.ndarray:
   """Class log-probabilities of uint8[b, views, S, S, 3]: the views' log-probabilities averaged.
 

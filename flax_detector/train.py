@@ -27,7 +27,7 @@ from flax_detector import workdir as workdir_module
 from flax_detector.checkpoint import Checkpointer, Topology, abstract_with_shardings
 from flax_detector.data.folder import skipped_lines
 from flax_detector.data.sources import class_counts
-from flax_detector.models import create_model, view_averaged_log_probs
+from flax_detector.models import create_model, init_variables, view_averaged_log_probs
 from flax_detector.preemption import PreemptionGuard
 
 
@@ -66,11 +66,9 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module,
   pytree structure, which the shardings computed from an abstract state must match.
   """
   init_key, dropout_key = jax.random.split(jax.random.PRNGKey(config.seed))
-  dummy = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.uint8)
-  variables = model.init({"params": init_key}, dummy, train=False)
-  return TrainState.create(apply_fn=model.apply, params=variables["params"],
-                           batch_stats=variables.get("batch_stats", {}), dropout_key=dropout_key,
-                           tx=optimizer)
+  variables = init_variables(model, config.image_size, init_key)
+  return TrainState.create(apply_fn=model.apply, params=variables["params"], batch_stats=variables["batch_stats"],
+                           dropout_key=dropout_key, tx=optimizer)
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *,
