@@ -37,6 +37,12 @@ def fit_calibration(log_probs: np.ndarray, labels: np.ndarray, positive: int) ->
   would make the test accuracy a training number.
   """
   temperature = calibration.fit_temperature(log_probs, labels)
+  note = "fitted by minimising the validation NLL"
+  if temperature <= calibration.MIN_TEMPERATURE * 1.01:
+    # The NLL falls all the way to T -> 0 only when validation has no errors to weigh: sharpening then
+    # would call every future score certain on no evidence, so the scores are left as the model gives them.
+    temperature = 1.0
+    note = "left at 1: validation is perfectly separated, so it gives no evidence for sharper scores"
   is_positive = np.asarray(labels) == positive
   before = calibration.apply_temperature(log_probs, 1.0)[:, positive]
   after = calibration.apply_temperature(log_probs, temperature)[:, positive]
@@ -44,6 +50,7 @@ def fit_calibration(log_probs: np.ndarray, labels: np.ndarray, positive: int) ->
       "temperature": temperature,
       "threshold": calibration.choose_threshold(after, is_positive),
       "fitted_on": "validation",
+      "temperature_note": note,
       "num_examples": int(len(labels)),
       "ece_before": binary_metrics.expected_calibration_error(before, is_positive),
       "ece_after": binary_metrics.expected_calibration_error(after, is_positive),

@@ -91,3 +91,13 @@ def test_threshold_ties_keep_one_half():
   assert calibration.choose_threshold(p, np.array([0, 0, 1, 1], bool)) == 0.5
   assert calibration.choose_threshold(p, np.ones(4, bool)) == 0.5
   assert calibration.choose_threshold(np.full(4, 0.8), np.array([0, 1, 0, 1], bool)) == 0.5  # no information
+
+
+def test_a_perfectly_separated_validation_split_leaves_the_temperature_at_one():
+  from flax_detector import report  # pylint: disable=g-import-not-at-top
+
+  labels = np.array([0, 1] * 20)
+  log_probs = np.log(np.where(np.eye(2)[labels] == 1, 0.9, 0.1))  # every example right, none certain
+  fitted = report.fit_calibration(log_probs, labels, positive=1)
+  assert fitted["temperature"] == 1.0 and "perfectly separated" in fitted["temperature_note"]
+  assert fitted["ece_after"] == fitted["ece_before"]
