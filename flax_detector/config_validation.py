@@ -35,6 +35,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
       (config.data.on_bad_file in BAD_FILE_POLICIES,
        f"data.on_bad_file={config.data.on_bad_file!r}: use one of {BAD_FILE_POLICIES}"),
       (config.data.max_image_pixels > 0, f"data.max_image_pixels={config.data.max_image_pixels}: must be positive"),
+      *[(0.0 <= config.data[name] <= 1.0, f"data.{name}={config.data[name]}: must be a probability in [0, 1]")
+        for name in ("flip_probability", "jpeg_probability", "blur_probability")],
+      (1 <= config.data.jpeg_quality_min <= config.data.jpeg_quality_max <= 100,
+       f"data.jpeg_quality_min/max={config.data.jpeg_quality_min}/{config.data.jpeg_quality_max}: "
+       "need 1 <= min <= max <= 100"),
+      (0.0 < config.data.blur_sigma_min <= config.data.blur_sigma_max,
+       f"data.blur_sigma_min/max={config.data.blur_sigma_min}/{config.data.blur_sigma_max}: need 0 < min <= max"),
       (config.data.eval_grid >= 1, f"data.eval_grid={config.data.eval_grid}: must be >= 1"),
       (config.data.worker_count >= 0, f"data.worker_count={config.data.worker_count}: must be >= 0"),
       (config.image_size >= MIN_IMAGE_SIZE, f"image_size={config.image_size}: VGG16 needs at least {MIN_IMAGE_SIZE}"),

@@ -28,14 +28,7 @@ class AugmentOptions:
 
   @classmethod
   def from_config(cls, data: ml_collections.ConfigDict) -> "AugmentOptions":
-    for name in ("flip_probability", "jpeg_probability", "blur_probability"):
-      if not 0.0 <= data[name] <= 1.0:
-        raise ValueError(f"data.{name}={data[name]}: must be a probability in [0, 1]")
-    if not 1 <= data.jpeg_quality_min <= data.jpeg_quality_max <= 100:
-      raise ValueError(f"data.jpeg_quality_min/max={data.jpeg_quality_min}/{data.jpeg_quality_max}: "
-                       "need 1 <= min <= max <= 100")
-    if not 0.0 < data.blur_sigma_min <= data.blur_sigma_max:
-      raise ValueError(f"data.blur_sigma_min/max={data.blur_sigma_min}/{data.blur_sigma_max}: need 0 < min <= max")
+    """The options of a config that config_validation.validate has accepted."""
     return cls(data.flip_probability, data.jpeg_probability, (data.jpeg_quality_min, data.jpeg_quality_max),
                data.blur_probability, (data.blur_sigma_min, data.blur_sigma_max))
 

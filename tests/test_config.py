@@ -41,3 +41,10 @@ def test_bad_fields_are_named(field, value, message):
   (config[parent] if parent else config)[leaf] = value
   with pytest.raises(ValueError, match=message):
     config_validation.validate(config)
+
+
+@pytest.mark.parametrize("field, value", [("jpeg_probability", 1.5), ("jpeg_quality_min", 0), ("blur_sigma_min", 0.0)])
+def test_invalid_augment_settings_are_named_before_any_file_is_read(make_config, field, value):
+  config = make_config(**{f"data__{field}": value}, data__dir="/nonexistent/folder")
+  with pytest.raises(ValueError, match=f"data.{field}"):
+    config_validation.validate(config)  # the folder is never looked at: the setting fails first

@@ -63,9 +63,3 @@ def test_augmentations_change_pixels_when_enabled():
   degraded = preprocess.train_transform(image, 32, "crop", AugmentOptions(0.0, 1.0, (50, 50), 1.0, (1.0, 1.0)),
                                         np.random.default_rng(0))
   assert np.abs(degraded.astype(int) - image).mean() > 10
-
-
-def test_invalid_augment_settings_are_named(make_config):
-  config = make_config(data__jpeg_probability=1.5)
-  with pytest.raises(ValueError, match="data.jpeg_probability"):
-    AugmentOptions.from_config(config.data)
