@@ -19,7 +19,7 @@ from etils import epath
 import numpy as np
 from PIL import Image
 
-from flax_detector import audit, binary_metrics, inference, input_pipeline, report, report_figures, report_html
+from flax_detector import audit, inference, input_pipeline, report, report_figures, report_html
 from flax_detector import robustness
 from flax_detector import workdir as workdir_layout
 from flax_detector.data.folder import DEFAULT_MAX_IMAGE_PIXELS, ImageFolderSource, IndexOptions

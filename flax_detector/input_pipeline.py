@@ -187,9 +187,7 @@ class _LoadEvalBatch(grain.transforms.Map):
     labels = np.zeros(len(positions), np.int32)
     real = positions < num_records
     labels[real] = self._source.labels[positions[real]]
-    # "index" (the record's position in the split) lets per-example scores be matched back to files.
-    return {"image": np.stack(images), "label": labels, "mask": np.asarray(mask, bool),
-            "index": np.asarray(positions, np.int32)}
+    return {"image": np.stack(images), "label": labels, "mask": np.asarray(mask, bool)}
 
 
 def train_dataset(source: ImageSource, config: ml_collections.ConfigDict, process_index: int,

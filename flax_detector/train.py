@@ -95,7 +95,7 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *,
               class_weights: np.ndarray) -> tuple[metrics.EvalMetrics, dict[str, jax.Array]]:
   """Metrics of a global eval batch, each image classified by its views' averaged log-probabilities.
 
-  Also returns the per-example log-probabilities with their labels, mask and record index, which the
+  Also returns the per-example log-probabilities with their labels and mask, which the
   calibration and the report need; they are a few floats per image.
   """
   log_probs = view_averaged_log_probs(state.apply_fn, {"params": state.params, "batch_stats": state.batch_stats},
@@ -105,7 +105,7 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *,
   batch_metrics = metrics.EvalMetrics.single_from_model_output(
       logits=log_probs, labels=batch["label"], mask=batch["mask"], per_example_loss=per_example_loss,
       example_weight=example_weight)
-  scores = {"log_probs": log_probs, "label": batch["label"], "mask": batch["mask"], "index": batch["index"]}
+  scores = {"log_probs": log_probs, "label": batch["label"], "mask": batch["mask"]}
   return batch_metrics, scores
 
 
@@ -115,7 +115,6 @@ class Scores:
 
   log_probs: np.ndarray  # float32[n, classes]
   labels: np.ndarray  # int32[n]
-  indices: np.ndarray  # int32[n], positions in the split
 
 
 def evaluate(eval_step_fn: Any, state: TrainState, dataset: grain.MapDataset, config: ml_collections.ConfigDict,
@@ -132,7 +131,7 @@ def evaluate(eval_step_fn: Any, state: TrainState, dataset: grain.MapDataset, co
       collected.append(batch_scores)
   host = {name: np.concatenate([np.asarray(scores[name]) for scores in collected]) for name in collected[0]}
   keep = host["mask"]
-  scores = Scores(host["log_probs"][keep], host["label"][keep], host["index"][keep])
+  scores = Scores(host["log_probs"][keep], host["label"][keep])
   return metrics.summarize_eval(accumulated, positive), scores
 
 
