@@ -1,12 +1,16 @@
 """Image bytes to RGB uint8 arrays, for every mode Pillow opens, with EXIF orientation applied."""
 
+from collections.abc import Callable
 import io
+from typing import TypeVar
 
+from absl import logging
 from etils import epath
 import numpy as np
 from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"})
+_Read = TypeVar("_Read")
 
 
 class UnreadableImageError(ValueError):
@@ -50,10 +54,31 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
     raise UnreadableImageError(f"{name}: not a readable image ({error}); fix or remove the file") from error
 
 
-def read_image(path: str) -> np.ndarray:
-  """Reads and decodes an image file (local path or any etils.epath URL such as gs://)."""
+def read_bytes(path: str) -> bytes:
+  """The file's encoded bytes (local path or any etils.epath URL such as gs://).
+
+  Raises UnreadableImageError naming the file when it cannot be read (gone, no permission, network).
+  """
   try:
-    data = epath.Path(path).read_bytes()
+    return epath.Path(path).read_bytes()
   except OSError as error:
     raise UnreadableImageError(f"{path}: cannot be read ({error})") from error
-  return decode_image(data, path)
+
+
+def read_image(path: str) -> np.ndarray:
+  """Reads and decodes an image file (local path or any etils.epath URL such as gs://)."""
+  return decode_image(read_bytes(path), path)
+
+
+def read_or_skip(read: Callable[[], _Read], consequence: str) -> _Read | None:
+  """read(), or None after a warning that names the file and says what happens to it instead.
+
+  The one "read the image or warn and skip" path: one unreadable file among 22k should cost that
+  file, not a crashed run or command hours in. `consequence` finishes the warning, e.g. "it is
+  masked out of its batch and skipped".
+  """
+  try:
+    return read()
+  except UnreadableImageError as error:
+    logging.warning("%s -- %s.", error, consequence)
+    return None
