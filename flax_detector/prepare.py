@@ -2,10 +2,11 @@
 
 Reading ~22k small files per epoch from a bucket is slow on a TPU pod; a few large shards are not.
 SRC is indexed exactly as ImageFolderSource indexes it (train/ and test/, the same class folders, the
-same file order, the same probe that leaves out unreadable, truncated and oversized files), and each record keeps the original encoded bytes (no re-encoding: generator
-traces live in single pixels) with the label and the path relative to SRC as its key. Training on DST
-therefore sees the same records in the same order, the same validation split and the same pixels as
-training on SRC. The layout and the record format are documented in flax_detector/data/array_record.py.
+same file order, the same probe that leaves out unreadable, truncated and oversized files), and each
+record keeps the original encoded bytes (no re-encoding: generator traces live in single pixels) with
+the label and the path relative to SRC as its key. Training on DST therefore sees the same records in
+the same order, the same validation split and the same pixels as training on SRC. The layout and the
+record format are documented in flax_detector/data/array_record.py.
 
 An interrupted run never leaves a DST that looks complete: everything is written to a staging folder
 first. For a local DST the staging folder is a hidden sibling, renamed to DST at the end. SRC and DST
@@ -17,8 +18,8 @@ epath, prepared.json last: readers require prepared.json, so a partial copy is n
 import collections
 from collections.abc import Iterator, Sequence
 from concurrent import futures
+import functools
 import json
-import os
 import sys
 import tempfile
 import time
@@ -32,6 +33,7 @@ from etils import epath
 from flax_detector import workdir
 from flax_detector.data.array_record import (FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, RECORD_FORMAT,
                                              encode_record, shard_name)
+from flax_detector.data.decode import read_bytes, read_or_skip
 from flax_detector.data.folder import ImageFolderSource
 from flax_detector.data.probe import printable
 
@@ -40,33 +42,15 @@ IMAGES_PER_SHARD = 1000
 # group_size:1 makes every record its own chunk, so reading one record at random costs one read.
 WRITER_OPTIONS = "group_size:1"
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("data_dir", None, "Image folder holding train/<class>/... and test/<class>/... (local or gs://).")
-flags.DEFINE_string("out", None, "Folder to write the prepared copy to (local or gs://); must be empty or absent.")
-flags.DEFINE_integer("num_shards", None, "Shards per split; default about one per 1000 images, at least 1.",
-                     lower_bound=1)
-flags.DEFINE_list("class_names", ["human-art", "ai-generated"],
-                  "Class folders in label order; must equal the training config's data.class_names.")
-flags.DEFINE_bool("overwrite", False, "Replace --out when it is not empty.")
-flags.DEFINE_integer("num_threads", 16, "Files read and checked in parallel (reading from a bucket is latency-bound).",
-                     lower_bound=1)
-flags.mark_flags_as_required(["data_dir", "out"])
 
 
 def default_num_shards(num_images: int) -> int:
   return max(1, round(num_images / IMAGES_PER_SHARD))
 
 
-def _is_local(path: str) -> bool:
-  """One place for this command to ask (the tests stand a local folder in for a bucket through it)."""
-  return not workdir.is_url(path)
-
-
 def _check_destination(data_dir: str, out: str, overwrite: bool) -> None:
   """Fails before any work when DST would clobber data: a non-empty DST needs --overwrite, SRC never goes."""
-  src, dst = epath.Path(data_dir), epath.Path(out)
-  if _is_local(data_dir) and _is_local(out):
-    src, dst = epath.Path(os.path.abspath(data_dir)), epath.Path(os.path.abspath(out))
+  src, dst = workdir.absolute(data_dir), workdir.absolute(out)
   if dst == src or dst in src.parents:
     raise ValueError(f"--out={out} is --data_dir={data_dir} or holds it; choose another folder (--overwrite would "
                      f"delete the images)")
@@ -86,22 +70,16 @@ def _index(data_dir: str, class_names: Sequence[str]) -> dict[str, ImageFolderSo
                       f"--class_names={','.join(class_names)})") from error
 
 
-def _read(path: str) -> bytes | None:
-  """The file's bytes (the index has already checked that they decode), or None if it vanished since."""
-  try:
-    return epath.Path(path).read_bytes()
-  except OSError as error:
-    logging.warning("Skipping %s: cannot be read (%s)", printable(path), error)
-    return None
-
-
 def _read_in_order(paths: Sequence[str], num_threads: int) -> Iterator[bytes | None]:
-  """_read of every path, in order, with a bounded number of files in flight."""
+  """Every file's bytes in order, None for one that vanished since the index checked that it decodes.
+
+  A bounded number of files is in flight: reading from a bucket is latency-bound.
+  """
   window = 4 * num_threads
   with futures.ThreadPoolExecutor(num_threads) as pool:
     pending: collections.deque[futures.Future] = collections.deque()
     for path in paths:
-      pending.append(pool.submit(_read, path))
+      pending.append(pool.submit(read_or_skip, functools.partial(read_bytes, path), "left out of the prepared copy"))
       if len(pending) >= window:
         yield pending.popleft().result()
     while pending:
@@ -164,8 +142,8 @@ def _write_split(source: ImageFolderSource, split: str, class_names: Sequence[st
 
 def _staging_folder(out: str) -> epath.Path:
   """A hidden sibling of a local DST (same file system, so the final rename is atomic), else a local temp dir."""
-  if _is_local(out):
-    dst = epath.Path(os.path.abspath(out))
+  if not workdir.is_url(out):
+    dst = workdir.absolute(out)
     dst.parent.mkdir(parents=True, exist_ok=True)
     return dst.parent / f".{dst.name}.partial-{uuid.uuid4().hex[:8]}"
   return epath.Path(tempfile.mkdtemp(prefix="flax_detector_prepare_"))
@@ -177,7 +155,7 @@ def _publish(staging: epath.Path, out: str, manifest: dict[str, Any]) -> None:
   if dst.exists():
     (dst / MANIFEST_NAME).unlink(missing_ok=True)  # first, so a failed replacement never looks complete
     dst.rmtree()
-  if _is_local(out):
+  if not workdir.is_url(out):
     staging.rename(dst)
     return
   files = [name for entry in manifest["splits"].values() for name in (*entry["shards"], entry["index"])]
@@ -213,14 +191,31 @@ def prepare(data_dir: str, out: str, class_names: Sequence[str], num_shards: int
   return manifest
 
 
+def _define_flags() -> None:
+  """Defined only when run as a program, so that importing prepare() defines no flags."""
+  flags.DEFINE_string("data_dir", None, "Image folder holding train/<class>/... and test/<class>/... (local or gs://).")
+  flags.DEFINE_string("out", None, "Folder to write the prepared copy to (local or gs://); must be empty or absent.")
+  flags.DEFINE_integer("num_shards", None, "Shards per split; default about one per 1000 images, at least 1.",
+                       lower_bound=1)
+  flags.DEFINE_list("class_names", ["human-art", "ai-generated"],
+                    "Class folders in label order; must equal the training config's data.class_names.")
+  flags.DEFINE_bool("overwrite", False, "Replace --out when it is not empty.")
+  flags.DEFINE_integer("num_threads", 16, "Files read and checked in parallel (reading from a bucket is "
+                       "latency-bound).", lower_bound=1)
+  flags.mark_flags_as_required(["data_dir", "out"])
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  options = flags.FLAGS
   try:
-    prepare(FLAGS.data_dir, FLAGS.out, FLAGS.class_names, FLAGS.num_shards, FLAGS.overwrite, FLAGS.num_threads)
-  except (FileExistsError, FileNotFoundError, ValueError) as error:
+    prepare(options.data_dir, options.out, options.class_names, options.num_shards, options.overwrite,
+            options.num_threads)
+  except (OSError, ValueError) as error:
     sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -189,7 +189,7 @@ def test_a_remote_destination_is_staged_locally_and_gets_prepared_json_last(tmp_
   """The gs:// code path, with a local folder standing in for the bucket."""
   src = _make_folder(tmp_path / "src", {"train": 3, "test": 3})
   dst = tmp_path / "bucket" / "prepared"
-  monkeypatch.setattr(prepare, "_is_local", lambda path: path != str(dst))
+  monkeypatch.setattr(prepare.workdir, "is_url", lambda path: str(path) == str(dst))
   staging = tmp_path / "local_tmp"
   staging.mkdir()
   monkeypatch.setattr(prepare.tempfile, "tempdir", str(staging))
