@@ -388,7 +388,7 @@ def main(argv: list[str]) -> None:
   options = flags.FLAGS
   try:
     audit = audit_folder(options.data_dir, options.class_names, options.crop_size, options.max_image_pixels)
-  except (FileNotFoundError, ValueError) as error:
+  except (OSError, ValueError) as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
   if options.output:

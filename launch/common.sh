@@ -1,13 +1,16 @@
-# Helpers shared by launch/tpu_vm.sh and launch/local_multiprocess.sh. Sourced by those scripts,
-# not run: each one sets SCRIPT_NAME (shown in the messages) before sourcing it.
-# slurm.sbatch keeps its own copies: sbatch runs a spooled copy of the script, where a path
-# relative to the script's directory does not lead here.
+# Helpers shared by launch/local_multiprocess.sh and launch/slurm.sbatch: sourced, not run. Each script
+# sets SCRIPT_NAME (shown in the messages) before sourcing it. slurm.sbatch finds this file through
+# the repository root, since sbatch runs a spooled copy of the script, far from this folder.
 # Written for bash 3.2 (macOS) and later (no bash 4 features).
 # shellcheck shell=bash
 
 log() { printf '[%s] %s\n' "$SCRIPT_NAME" "$*" >&2; }
 die() { printf '[%s] error: %s\n' "$SCRIPT_NAME" "$*" >&2; exit 1; }
 usage_error() { printf '[%s] error: %s\n(see launch/%s --help)\n' "$SCRIPT_NAME" "$*" "$SCRIPT_NAME" >&2; exit 2; }
+
+# Prints the running script's header comment, from its second line to the first blank line, without
+# the leading "# ": each launcher documents its options there, once, and --help shows exactly that.
+usage() { sed -n '2,/^$/s/^# \{0,1\}//p' "$0"; }
 
 # Prints its arguments as one shell-quoted command line that can be copied and pasted: words made
 # only of safe characters stay bare, anything else is single-quoted.
@@ -24,6 +27,10 @@ quote_cmd() {
 }
 
 is_true() { case "${1:-0}" in 1|true|TRUE|True|yes|YES|on|ON) return 0 ;; *) return 1 ;; esac; }
+
+# The rule of flax_detector.workdir.is_url, the one place the Python side decides it: a remote path
+# such as gs://bucket/run has "://" in it (tests/test_launch.py checks the two agree).
+is_url() { [[ $1 == *://* ]]; }
 
 # Takes the value of option $1 from "--opt=value" ($2 is the whole word) or from the next word ($3),
 # which must not look like an option: "--workdir --dry-run" is an error, not a workdir.

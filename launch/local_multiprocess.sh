@@ -1,54 +1,46 @@
 #!/usr/bin/env bash
-# Try the multi-host code path on one machine: N local processes join one JAX job.
+# Usage: launch/local_multiprocess.sh --workdir=DIR [options] [-- MAIN_ARGS...]
 #
-# Starts, in the background, for i in 0..N-1:
+# Tries the multi-host code path on one machine: N local processes join one JAX job. For i in 0..N-1
+# it starts, in the background, from the repository root,
 #   python -m flax_detector.main --config=CONFIG --workdir=WORKDIR \
 #       --coordinator_address=127.0.0.1:PORT --num_processes=N --process_id=i [MAIN_ARGS...]
-# with JAX_PLATFORMS=cpu and XLA_FLAGS=--xla_force_host_platform_device_count=D, so the job has
-# N*D CPU devices, exactly as N hosts would. Process 0 is the coordinator; PORT is a free local
-# port unless --port is given. The log of process i goes to WORKDIR/logs/process_i.log (process
-# 0's is also shown here unless --quiet).
+# with JAX_PLATFORMS=cpu and XLA_FLAGS=--xla_force_host_platform_device_count=D, so the job has N*D
+# CPU devices, exactly as N hosts would. Process 0 is the coordinator. The log of process i goes to
+# LOG_DIR/process_i.log; process 0's is also shown here unless --quiet.
 #
-# Ctrl-C or SIGTERM is passed on to every process as SIGTERM (the trainer checkpoints and stops;
-# a second Ctrl-C kills them). When one process fails, the others are stopped too. The script
-# waits for all and exits non-zero if any failed or it was interrupted.
+# Ctrl-C or SIGTERM is passed on to every process as SIGTERM (the trainer checkpoints and stops; a
+# second Ctrl-C kills them), and the same command resumes. When one process fails, the others are
+# stopped too. The script waits for all and exits non-zero if any failed (130/143 when interrupted).
 #
-# Usage:
-#   launch/local_multiprocess.sh --workdir=runs/multi [-n 2] [--devices-per-process=2] [-- MAIN_ARGS...]
-#   launch/local_multiprocess.sh --workdir=runs/multi -n 2 -- --config.num_train_steps=20
+# Options (environment variable in brackets, default in parentheses):
+#   --workdir=DIR                 run directory, required                  [WORKDIR]
+#   -n, --num-processes=N         number of processes                      [NUM_PROCESSES] (2)
+#   -d, --devices-per-process=D   simulated CPU devices per process        [DEVICES_PER_PROCESS] (2)
+#   --config=PATH                 config                                   [CONFIG] (configs/vgg16.py:cpu)
+#   --port=PORT                   coordinator port                         [COORDINATOR_PORT] (a free one)
+#   --python=PYTHON               interpreter                              [PYTHON] (python, else python3)
+#   --jax-platforms=P             JAX_PLATFORMS of the processes           [JAX_PLATFORMS] (cpu)
+#   --log-dir=DIR                 where process_i.log go; needed for a gs:// workdir (WORKDIR/logs)
+#   --quiet                       do not show process 0's log here
+#   --dry-run                     print the commands, run none             [DRY_RUN=1]
+#   -h, --help                    this help
+# Options take --opt=value or --opt value; a value that starts with '-' needs the '=' form.
+# Arguments after '--' go to every process, e.g. -- --config.num_train_steps=20
+#
+# Examples:
+#   launch/local_multiprocess.sh --workdir=runs/multi -n 2 -- --config.num_epochs=1
 #   launch/local_multiprocess.sh --workdir=runs/multi --dry-run     # print the commands only
 # Written for bash 3.2 (macOS) and later (no bash 4 features); tested with bash 5.
 
 set -euo pipefail
 
 readonly SCRIPT_NAME="local_multiprocess.sh"
-# The helpers log, die, usage_error, quote_cmd, is_true and option_value.
+# The helpers log, die, usage_error, usage, quote_cmd, is_true, is_url and option_value.
 # shellcheck source-path=SCRIPTDIR source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 PROJECT_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 readonly PROJECT_ROOT
-
-usage() {
-  cat <<EOF
-Usage: launch/$SCRIPT_NAME --workdir=DIR [options] [-- MAIN_ARGS...]
-
-Runs N processes of flax_detector.main on this machine as one multi-process JAX job.
-
-Options (environment variable in brackets):
-  --workdir=DIR              run directory, required                 [WORKDIR]
-  -n, --num-processes=N      number of processes                     [NUM_PROCESSES] (2)
-  -d, --devices-per-process=D  simulated CPU devices per process     [DEVICES_PER_PROCESS] (2)
-  --config=PATH              config                                  [CONFIG] (configs/vgg16.py:cpu)
-  --port=PORT                coordinator port (default: a free one)  [COORDINATOR_PORT]
-  --python=PYTHON            interpreter (default: python, else python3) [PYTHON]
-  --jax-platforms=P          JAX_PLATFORMS of the processes          [JAX_PLATFORMS] (cpu)
-  --log-dir=DIR              where process_i.log go (default WORKDIR/logs)
-  --quiet                    do not show process 0's log here
-  --dry-run                  print the commands, run none            [DRY_RUN=1]
-  -h, --help                 this help
-Arguments after '--' are passed to every process, e.g. -- --config.num_train_steps=20
-EOF
-}
 
 # ---------------------------------------------------------------------------------------------
 # Options
@@ -62,7 +54,7 @@ PYTHON="${PYTHON:-}"
 PLATFORMS="${JAX_PLATFORMS:-cpu}"
 LOG_DIR=""
 QUIET=0
-DRY_RUN_ENV="${DRY_RUN:-0}"; DRY_RUN=0; is_true "$DRY_RUN_ENV" && DRY_RUN=1
+if is_true "${DRY_RUN:-0}"; then DRY_RUN=1; else DRY_RUN=0; fi
 MAIN_ARGS=()
 
 parse_args() {
@@ -89,7 +81,7 @@ parse_args() {
 # The processes run from the project root (so `-m flax_detector.main` and configs/ resolve);
 # paths given relative to the caller's directory are made absolute first.
 from_caller_dir() {
-  if [[ $1 == /* || $1 == *://* || $PWD == "$PROJECT_ROOT" ]]; then
+  if [[ $1 == /* || $PWD == "$PROJECT_ROOT" ]] || is_url "$1"; then
     printf '%s' "$1"
   else
     printf '%s/%s' "$PWD" "$1"
@@ -98,11 +90,14 @@ from_caller_dir() {
 
 validate_args() {
   [[ -n $WORKDIR ]] || usage_error "--workdir is required (or set WORKDIR), e.g. --workdir=runs/multi"
-  [[ $NUM_PROCESSES =~ ^[1-9][0-9]*$ ]] || usage_error "--num-processes must be a whole number >= 1, got '$NUM_PROCESSES'"
+  [[ $NUM_PROCESSES =~ ^[1-9][0-9]*$ ]] \
+    || usage_error "--num-processes must be a whole number >= 1, got '$NUM_PROCESSES'"
   [[ $DEVICES =~ ^[1-9][0-9]*$ ]] || usage_error "--devices-per-process must be a whole number >= 1, got '$DEVICES'"
   [[ -z $PORT || $PORT =~ ^[1-9][0-9]*$ ]] || usage_error "--port must be a port number, got '$PORT'"
   [[ -n $CONFIG ]] || usage_error "--config must not be empty"
-  [[ $WORKDIR != *://* || -n $LOG_DIR ]] || usage_error "--workdir=$WORKDIR is not local: give --log-dir for the logs"
+  if is_url "$WORKDIR" && [[ -z $LOG_DIR ]]; then
+    usage_error "--workdir=$WORKDIR is not local: give --log-dir for the logs"
+  fi
   WORKDIR="$(from_caller_dir "$WORKDIR")"
   LOG_DIR="$(from_caller_dir "${LOG_DIR:-$WORKDIR/logs}")"
   if [[ -f ${CONFIG%%:*} ]]; then CONFIG="$(from_caller_dir "$CONFIG")"; fi
@@ -114,7 +109,8 @@ validate_args() {
 # A port the system reports free (the OS picks it), else a random one in 20000-39999.
 free_port() {
   local port
-  port="$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])' 2>/dev/null)" || true
+  local bind='import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+  port="$("$PYTHON" -c "$bind" 2>/dev/null)" || true
   if [[ $port =~ ^[1-9][0-9]*$ ]]; then echo "$port"; else echo $((20000 + RANDOM % 20000)); fi
 }
 

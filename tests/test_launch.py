@@ -8,6 +8,7 @@ records its arguments), so the retry, requeue and signal logic runs for real in 
 
 import os
 from pathlib import Path
+import re
 import shlex
 import shutil
 import signal
@@ -16,13 +17,16 @@ import time
 
 import pytest
 
+from flax_detector import workdir
+
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
-TPU_VM = LAUNCH / "tpu_vm.sh"
+TPU_VM = LAUNCH / "tpu_vm.py"
 SLURM = LAUNCH / "slurm.sbatch"
 LOCAL = LAUNCH / "local_multiprocess.sh"
-COMMON = LAUNCH / "common.sh"  # sourced by tpu_vm.sh and local_multiprocess.sh, not run
-SCRIPTS = [TPU_VM, SLURM, LOCAL]
+COMMON = LAUNCH / "common.sh"  # sourced by slurm.sbatch and local_multiprocess.sh, not run
+SHELL_SCRIPTS = [SLURM, LOCAL]
+SCRIPTS = [TPU_VM, *SHELL_SCRIPTS]
 GCLOUD_TPU_VM = ("gcloud", "compute", "tpus", "tpu-vm")
 GCLOUD_QUEUED = ("gcloud", "compute", "tpus", "queued-resources")
 
@@ -52,14 +56,15 @@ def _write_executable(path: Path, text: str) -> None:
 
 
 def _run(script: Path, *args: str, env: dict[str, str], cwd: Path = ROOT, timeout: float = 20):
-  return subprocess.run(["bash", str(script), *args], env=env, cwd=cwd, capture_output=True, text=True,
-                        timeout=timeout, check=False)
+  """Runs the script as a user does, through its #! line (bash, or python3 for tpu_vm.py)."""
+  return subprocess.run([str(script), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                        check=False)
 
 
 def _start(script: Path, *args: str, env: dict[str, str]) -> subprocess.Popen:
   """_run in the background, for the tests that signal the script."""
-  return subprocess.Popen(["bash", str(script), *args], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  return subprocess.Popen([str(script), *args], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
 
 
 def _dry_run(script: Path, *args: str, env: dict[str, str], cwd: Path = ROOT):
@@ -91,13 +96,16 @@ def _option(cmd: list[str], name: str) -> str:
 @pytest.mark.parametrize("script", [*SCRIPTS, COMMON], ids=lambda p: p.name)
 def test_scripts_are_executable_and_parse(script):
   assert os.access(script, os.X_OK) == (script != COMMON)
-  assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
+  if script.suffix == ".py":
+    compile(script.read_text(), str(script), "exec")
+  else:
+    assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
 def test_shellcheck_is_clean():
   # -x: follow the scripts into the common.sh they source.
-  result = subprocess.run(["shellcheck", "-x", *map(str, [*SCRIPTS, COMMON])], capture_output=True, text=True,
+  result = subprocess.run(["shellcheck", "-x", *map(str, [*SHELL_SCRIPTS, COMMON])], capture_output=True, text=True,
                           check=False)
   assert result.returncode == 0, result.stdout
 
@@ -117,8 +125,32 @@ option_value --opt --opt --dry-run"""
   assert result.stderr.startswith("[x.sh] error: --opt needs a value") and "see launch/x.sh --help" in result.stderr
 
 
+def test_common_is_url_agrees_with_workdir_is_url():
+  paths = ["gs://bucket/run", "s3://b/k", "runs/x", "/abs/path", "file:///tmp/x", "weird:name", "", "a//b"]
+  script = f"source {shlex.quote(str(COMMON))}; for p in " + " ".join(map(shlex.quote, paths)) + \
+      '; do is_url "$p" && echo 1 || echo 0; done'
+  result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True)
+  assert result.stdout.split() == [str(int(workdir.is_url(path))) for path in paths]
+
+
+@pytest.mark.parametrize("script", [TPU_VM, LOCAL], ids=lambda p: p.name)
+def test_help_documents_every_option_the_script_parses(sandbox, script):
+  """--help is the one place options are documented: it must name every option the parser accepts."""
+  env, _, _ = sandbox
+  result = _run(script, "--help", env=env)
+  assert result.returncode == 0, result.stderr
+  if script.suffix == ".py":
+    parsed = set(re.findall(r'add\("(--[a-z-]+)"', script.read_text()))
+    parsed |= set(re.findall(r'\("(--[a-z-]+)", "[A-Z_]+", ', script.read_text()))
+  else:
+    parse_args = script.read_text().split("parse_args() {", 1)[1].split("\n}\n", 1)[0]
+    parsed = set(re.findall(r"(?:^|\|)\s*(--?[a-z][a-z-]*)(?=[|)=])", parse_args, re.MULTILINE))
+  assert len(parsed) >= 8
+  assert not {option for option in parsed if option not in result.stdout}
+
+
 # ------------------------------------------------------------------------------------------------
-# tpu_vm.sh, dry run
+# tpu_vm.py, dry run
 
 TPU_ARGS = ("--zone=us-west4-a", "--workdir=gs://bucket/runs/vgg16", "--name=my-tpu", "--dry-run")
 
@@ -225,7 +257,7 @@ def test_bad_options_fail_naming_the_option(sandbox, script, args, message):
 
 
 # ------------------------------------------------------------------------------------------------
-# tpu_vm.sh, for real, against a fake gcloud that simulates one TPU
+# tpu_vm.py, for real, against a fake gcloud that simulates one TPU
 
 FAKE_GCLOUD = r"""#!/usr/bin/env bash
 # A TPU in a file: "absent", "ready" or "preempted". Training outcomes, one per attempt, in $FAKE_TRAIN.
@@ -368,6 +400,33 @@ def test_slurm_needs_workdir_and_a_job(sandbox):
   assert result.returncode != 0 and "WORKDIR is required" in result.stderr
   result = _run(SLURM, env={**env, "WORKDIR": "w"})
   assert result.returncode != 0 and "not inside a SLURM job" in result.stderr
+
+
+def test_slurm_finds_common_sh_from_a_spooled_copy(sandbox):
+  """sbatch runs a copy of the script from its spool folder: common.sh comes from the submit folder."""
+  env, _, tmp_path = sandbox
+  spooled = tmp_path / "spool" / "slurm_script"
+  spooled.parent.mkdir()
+  shutil.copy(SLURM, spooled)
+  env = {**env, "DRY_RUN": "1", "WORKDIR": "w"}
+  _, commands = _dry_run(spooled, env={**env, "SLURM_SUBMIT_DIR": str(ROOT)}, cwd=tmp_path)
+  assert ["cd", str(ROOT)] in commands and commands[-1][0] == "srun"
+  result = _run(spooled, env={**env, "SLURM_SUBMIT_DIR": str(tmp_path)}, cwd=tmp_path)
+  assert result.returncode == 1 and "set PROJECT_DIR" in result.stderr
+
+
+def test_slurm_help_documents_every_variable_it_reads(sandbox):
+  env, _, _ = sandbox
+  result = _run(SLURM, "--help", env=env)
+  assert result.returncode == 0 and result.stdout.startswith("Train flax_detector on several GPU nodes")
+  read = set(re.findall(r"\$\{([A-Z_]+):", SLURM.read_text())) - {"JAX_LOCAL_DEVICE_IDS"}
+  read = {name for name in read if not name.startswith("SLURM_") or name == "SLURM_SUBMIT_DIR"}
+  assert {"WORKDIR", "EXTRA_ARGS", "MAX_RESTARTS"} <= read
+  assert not {name for name in read if name not in result.stdout}
+
+
+def test_slurm_knows_the_name_of_the_final_metrics_file():
+  assert f"$WORKDIR/{workdir.FINAL_METRICS} ]]" in SLURM.read_text()
 
 
 FAKE_SRUN = r"""#!/usr/bin/env bash
