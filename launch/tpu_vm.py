@@ -86,46 +86,53 @@ def _whole_number(text: str) -> int:
   return int(text)
 
 
+def _option(parser: argparse.ArgumentParser, flag: str, variable: str, meaning: str, default: str | None = None,
+            **kwargs) -> None:
+  """An option whose default the environment variable overrides; --help names both, once."""
+  parser.add_argument(flag, default=os.environ.get(variable, default), **kwargs,
+                      help=f"{meaning} [{variable}]" + (f" ({default})" if default else ""))
+
+
+def _switch(parser: argparse.ArgumentParser, flag: str, variable: str, meaning: str) -> None:
+  """An on/off option that variable=1 (or true, yes, on) also turns on."""
+  parser.add_argument(flag, action="store_true", default=os.environ.get(variable, "0") in TRUE_WORDS,
+                      help=f"{meaning} [{variable}=1]")
+
+
 def _parser() -> argparse.ArgumentParser:
-  env = os.environ.get
-  user = re.sub("[^a-z0-9-]", "-", env("USER", "user").lower())
   parser = _Parser(prog="launch/tpu_vm.py", description=__doc__, allow_abbrev=False,
                    usage="%(prog)s --zone=ZONE --workdir=gs://BUCKET/RUN [options] [-- MAIN_ARGS...]",
                    epilog="Arguments after '--' go to flax_detector.main, e.g. -- --config.num_epochs=10",
                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  add = parser.add_argument
-  add("--zone", default=env("TPU_ZONE"), help="TPU zone, required [TPU_ZONE]")
-  add("--workdir", default=env("WORKDIR"),
-      help="checkpoints, events, final_metrics.json: a gs:// path every worker sees, required [WORKDIR]")
-  add("--name", default=env("TPU_NAME", f"flax-detector-{user}"),
-      help="TPU (and queued resource) name [TPU_NAME] (%(default)s)")
-  add("--accelerator-type", default=env("TPU_ACCELERATOR_TYPE", "v5litepod-16"),
-      help="slice type: v4-32, v5litepod-16, v5p-16, v6e-16... [TPU_ACCELERATOR_TYPE] (%(default)s)")
+  user = re.sub("[^a-z0-9-]", "-", os.environ.get("USER", "user").lower())
   by_generation = {version: [] for version in RUNTIME_VERSIONS.values()}
   for prefix, version in RUNTIME_VERSIONS.items():
     by_generation[version].append(prefix.rstrip("-"))
-  add("--runtime-version", default=env("TPU_RUNTIME_VERSION"),
-      help="TPU software version [TPU_RUNTIME_VERSION] (by generation: " +
-      "; ".join(f"{version} for {', '.join(prefixes)}" for version, prefixes in by_generation.items()) + ")")
-  add("--project", default=env("TPU_PROJECT"), help="GCP project [TPU_PROJECT] (gcloud's)")
-  add("--config", default=env("CONFIG", "configs/vgg16.py"), help="config inside this repository [CONFIG] "
-      "(%(default)s)")
-  add("--python-version", default=env("TPU_PYTHON_VERSION", "3.12"),
-      help="Python of the workers' virtualenv [TPU_PYTHON_VERSION] (%(default)s)")
-  add("--max-retries", type=_whole_number, default=env("MAX_RETRIES", "3"),
-      help="how often to recreate a lost (preempted) TPU [MAX_RETRIES] (%(default)s)")
-  add("--poll-seconds", type=_whole_number, default=env("TPU_POLL_SECONDS", "30"),
-      help="seconds between state checks while waiting [TPU_POLL_SECONDS] (%(default)s)")
-  add("--create-arg", action="append", default=[], metavar="ARG",
-      help="extra argument for the create command, repeatable, e.g. --create-arg=--reserved or "
-      "--create-arg=--service-account=SA")
-  for flag, variable, meaning in (
-      ("--queued", "TPU_QUEUED", "create through a queued resource and wait in the queue until it is ACTIVE"),
-      ("--spot", "TPU_SPOT", "Spot VMs: cheaper, can be preempted at any time"),
-      ("--preemptible", "TPU_PREEMPTIBLE", "preemptible VMs (plain TPU VMs only; queued resources take --spot)"),
-      ("--keep", "TPU_KEEP", "leave the TPU running at the end; the next run with the same --name reuses it"),
-      ("--dry-run", "DRY_RUN", "print the commands, run none")):
-    add(flag, action="store_true", default=env(variable, "0") in TRUE_WORDS, help=f"{meaning} [{variable}=1]")
+  _option(parser, "--zone", "TPU_ZONE", "TPU zone, required")
+  _option(parser, "--workdir", "WORKDIR", "checkpoints, events, final_metrics.json: a gs:// path every worker sees, "
+          "required")
+  _option(parser, "--name", "TPU_NAME", "TPU (and queued resource) name", f"flax-detector-{user}")
+  _option(parser, "--accelerator-type", "TPU_ACCELERATOR_TYPE", "slice type: v4-32, v5litepod-16, v5p-16, v6e-16...",
+          "v5litepod-16")
+  _option(parser, "--runtime-version", "TPU_RUNTIME_VERSION", "TPU software version (by generation: " +
+          "; ".join(f"{version} for {', '.join(prefixes)}" for version, prefixes in by_generation.items()) + ")")
+  _option(parser, "--project", "TPU_PROJECT", "GCP project (default: gcloud's)")
+  _option(parser, "--config", "CONFIG", "config, a path inside this repository", "configs/vgg16.py")
+  _option(parser, "--python-version", "TPU_PYTHON_VERSION", "Python of the workers' virtualenv", "3.12")
+  _option(parser, "--max-retries", "MAX_RETRIES", "how often to recreate a lost (preempted) TPU", "3",
+          type=_whole_number)
+  _option(parser, "--poll-seconds", "TPU_POLL_SECONDS", "seconds between state checks while waiting", "30",
+          type=_whole_number)
+  parser.add_argument("--create-arg", action="append", default=[], metavar="ARG",
+                      help="extra argument for the create command, repeatable, e.g. --create-arg=--reserved or "
+                      "--create-arg=--service-account=SA")
+  _switch(parser, "--queued", "TPU_QUEUED", "create through a queued resource and wait in the queue until ACTIVE")
+  _switch(parser, "--spot", "TPU_SPOT", "Spot VMs: cheaper, can be preempted at any time")
+  _switch(parser, "--preemptible", "TPU_PREEMPTIBLE", "preemptible VMs (plain TPU VMs only; queued resources take "
+          "--spot)")
+  _switch(parser, "--keep", "TPU_KEEP", "leave the TPU running at the end; the next run with the same --name "
+          "reuses it")
+  _switch(parser, "--dry-run", "DRY_RUN", "print the commands, run none")
   return parser
 
 

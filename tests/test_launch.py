@@ -140,8 +140,8 @@ def test_help_documents_every_option_the_script_parses(sandbox, script):
   result = _run(script, "--help", env=env)
   assert result.returncode == 0, result.stderr
   if script.suffix == ".py":
-    parsed = set(re.findall(r'add\("(--[a-z-]+)"', script.read_text()))
-    parsed |= set(re.findall(r'\("(--[a-z-]+)", "[A-Z_]+", ', script.read_text()))
+    parsed = set(re.findall(r'parser, "(--[a-z-]+)"', script.read_text()))
+    parsed |= set(re.findall(r'add_argument\("(--[a-z-]+)"', script.read_text()))
   else:
     parse_args = script.read_text().split("parse_args() {", 1)[1].split("\n}\n", 1)[0]
     parsed = set(re.findall(r"(?:^|\|)\s*(--?[a-z][a-z-]*)(?=[|)=])", parse_args, re.MULTILINE))
