@@ -6,6 +6,7 @@ first on PATH (any call fails the test), and the real-mode tests put small fakes
 records its arguments), so the retry, requeue and signal logic runs for real in a few seconds.
 """
 
+import importlib.util
 import os
 from pathlib import Path
 import re
@@ -131,6 +132,14 @@ def test_common_is_url_agrees_with_workdir_is_url():
       '; do is_url "$p" && echo 1 || echo 0; done'
   result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True)
   assert result.stdout.split() == [str(int(workdir.is_url(path))) for path in paths]
+
+
+def test_tpu_vm_py_takes_the_same_true_words_as_common_sh():
+  spec = importlib.util.spec_from_file_location("tpu_vm", TPU_VM)
+  tpu_vm = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tpu_vm)
+  [words] = re.findall(r"is_true\(\) \{ case \"\$\{1:-0\}\" in ([^)]+)\)", COMMON.read_text())
+  assert set(words.split("|")) == set(tpu_vm.TRUE_WORDS)
 
 
 @pytest.mark.parametrize("script", [TPU_VM, LOCAL], ids=lambda p: p.name)
