@@ -6,6 +6,8 @@ DIR/report/): report.json with exact metrics over every image, PNG figures, one 
 report.html, a robustness table (the same images re-compressed, down-scaled and blurred), the training
 folder's shortcut audit, and the same audit of the scored images with the accuracy where their classes'
 sizes and formats overlap, because only there does accuracy measure the detector rather than the files.
+The most confident mistakes are shown twice: as they are, and with a Grad-CAM overlay (gradcam.py) of
+where the detector found its evidence for the positive class.
 """
 
 from collections.abc import Callable, Sequence
@@ -19,7 +21,7 @@ from etils import epath
 import numpy as np
 from PIL import Image
 
-from flax_detector import audit, inference, input_pipeline, report, report_figures, report_html
+from flax_detector import audit, errors, gradcam, inference, input_pipeline, report, report_figures, report_html
 from flax_detector import robustness
 from flax_detector import workdir as workdir_layout
 from flax_detector.data.folder import DEFAULT_MAX_IMAGE_PIXELS, ImageFolderSource, IndexOptions
@@ -28,6 +30,10 @@ from flax_detector.data.sources import ImageSource
 
 NUM_MISTAKES = 12
 THUMBNAIL_SIDE = 192
+MISTAKES_FIGURE = "mistakes.png"
+GRADCAM_FIGURE = "mistakes_gradcam.png"
+GRADCAM_TARGET = ("log-odds of the positive class, from the last conv stage (ReLU before the final max pool); "
+                  "views' maps placed at their crop offsets and averaged; each overlay scaled to its own maximum")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +62,7 @@ def _score(detector: inference.Detector, evaluation: EvaluationSet, label: str,
            perturb: Callable[[np.ndarray, str], np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
   """(record indices scored, log-probabilities) for every readable record, optionally perturbed first."""
 
-  def load_views(index: int) -> np.ndarray | None:
+  def load_image(index: int) -> np.ndarray | None:
     try:
       image, _ = evaluation.source[index]
     except ValueError as error:  # UnreadableImageError: the file changed since it was indexed
@@ -65,13 +71,12 @@ def _score(detector: inference.Detector, evaluation: EvaluationSet, label: str,
     if perturb is not None:
       image_format = evaluation.infos[index].format if evaluation.infos else "PNG"
       image = perturb(image, image_format)
-    return detector.views(image)
+    return image
 
   indices, log_probs = [], []
-  for batch_indices, batch_log_probs in inference.stream_scores(detector, range(len(evaluation.source)),
-                                                                load_views, label):
-    indices.extend(batch_indices)
-    log_probs.append(batch_log_probs)
+  for batch in inference.stream_scores(detector, range(len(evaluation.source)), load_image, label):
+    indices.extend(batch.items)
+    log_probs.append(batch.log_probs)
   return np.asarray(indices, np.int64), np.concatenate(log_probs)
 
 
@@ -97,20 +102,59 @@ def _metadata_check(evaluation: EvaluationSet, indices: np.ndarray, labels: np.n
   return {**check, "num_examples": int(inside.sum()), "accuracy": float(correct[inside].mean())}
 
 
+@dataclasses.dataclass(frozen=True)
+class Mistake:
+  """A confidently wrong image: the decoded image, its calibrated p_ai, its true class and its file."""
+
+  image: np.ndarray
+  p_ai: float
+  true_class: str
+  name: str
+
+
 def _mistakes(evaluation: EvaluationSet, indices: np.ndarray, p_ai: np.ndarray, is_ai: np.ndarray,
-              threshold: float, class_names: Sequence[str], positive: int) -> list[tuple[np.ndarray, float, str, str]]:
-  """The most confident errors, most confident first, as thumbnails with their scores."""
+              threshold: float, class_names: Sequence[str], positive: int) -> list[Mistake]:
+  """The most confident errors, most confident first."""
   wrong = np.flatnonzero((p_ai >= threshold) != is_ai)
   confidence = np.abs(p_ai[wrong] - threshold)
   negative = 1 - positive
-  items = []
+  mistakes = []
   for position in wrong[np.argsort(-confidence, kind="stable")][:NUM_MISTAKES]:
     image, label = evaluation.source[int(indices[position])]
-    thumbnail = Image.fromarray(image)
-    thumbnail.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
-    items.append((np.asarray(thumbnail), float(p_ai[position]), class_names[positive if label == positive else negative],
-                  printable(evaluation.source.keys[int(indices[position])])))
-  return items
+    mistakes.append(Mistake(image, float(p_ai[position]), class_names[positive if label == positive else negative],
+                            printable(evaluation.source.keys[int(indices[position])])))
+  return mistakes
+
+
+def _gradcam_overlays(detector: inference.Detector, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+  """Each image with its Grad-CAM for the positive class blended in (the same maps as predict --explain)."""
+  overlays = []
+  for start in range(0, len(images), detector.batch_size):
+    chunk = images[start:start + detector.batch_size]
+    _, view_cams = detector.explain([detector.views(image) for image in chunk])
+    overlays.extend(gradcam.overlay(image, detector.heatmap(cams, image.shape[:2]))
+                    for image, cams in zip(chunk, view_cams))
+  return overlays
+
+
+def _thumbnail(image: np.ndarray) -> np.ndarray:
+  thumbnail = Image.fromarray(image)
+  thumbnail.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+  return np.asarray(thumbnail)
+
+
+def _mistake_figures(detector: inference.Detector, mistakes: Sequence[Mistake], out: epath.Path) -> dict[str, Any]:
+  """mistakes.png and mistakes_gradcam.png (the same grid with Grad-CAM overlays); report.json's "mistakes"."""
+
+  def grid(images: Sequence[np.ndarray], name: str, title: str) -> None:
+    report_figures.mistakes_figure([(_thumbnail(image), mistake.p_ai, mistake.true_class, mistake.name)
+                                    for image, mistake in zip(images, mistakes)], out / name, title=title)
+
+  grid([mistake.image for mistake in mistakes], MISTAKES_FIGURE, "Most confident mistakes")
+  grid(_gradcam_overlays(detector, [mistake.image for mistake in mistakes]), GRADCAM_FIGURE,
+       f"Most confident mistakes: evidence for {detector.config.data.positive_class} (Grad-CAM)")
+  return {"figure": MISTAKES_FIGURE, "gradcam_figure": GRADCAM_FIGURE, "gradcam_target": GRADCAM_TARGET,
+          "images": [{"name": m.name, "true_class": m.true_class, "p_ai": m.p_ai} for m in mistakes]}
 
 
 def _robustness_rows(detector: inference.Detector, evaluation: EvaluationSet, clean: dict[str, Any]) -> list[dict]:
@@ -146,10 +190,9 @@ def evaluate(workdir: str, data_dir: str | None = None, output_dir: str | None =
   if with_robustness:
     report_figures.robustness_figure(result["robustness"], out / "robustness.png")
     figures.append("robustness.png")
-  report_figures.mistakes_figure(
-      _mistakes(evaluation, indices, p_ai, labels == positive, detector.calibration.threshold, names, positive),
-      out / "mistakes.png")
-  figures.append("mistakes.png")
+  mistakes = _mistakes(evaluation, indices, p_ai, labels == positive, detector.calibration.threshold, names, positive)
+  result["mistakes"] = _mistake_figures(detector, mistakes, out)
+  figures += [MISTAKES_FIGURE, GRADCAM_FIGURE]
   workdir_layout.write_json(out / "report.json", result)
   report_html.write_html(out / "report.html", result, figures)
   return result
@@ -175,8 +218,9 @@ def main(argv: list[str]) -> None:
   if not FLAGS.verbose:
     inference.quiet_library_logs()
   try:
-    result = evaluate(FLAGS.workdir, FLAGS.data_dir, FLAGS.output_dir, FLAGS.robustness)
-  except (FileNotFoundError, ValueError) as error:
+    with errors.as_user_errors():
+      result = evaluate(FLAGS.workdir, FLAGS.data_dir, FLAGS.output_dir, FLAGS.robustness)
+  except errors.UserError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
   out = FLAGS.output_dir or os.path.join(FLAGS.workdir, workdir_layout.REPORT)

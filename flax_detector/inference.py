@@ -3,7 +3,8 @@
 `predict` and `evaluate` both score images outside any training run; both go through `Detector`, so
 they restore, preprocess (the run's crop side, eval grid and preprocess mode from its config.json) and
 calibrate exactly alike, and both compile one function for a fixed batch shape however many images
-they stream through it.
+they stream through it. Explaining (Grad-CAM) uses a second compiled function that returns the same
+scores together with the maps, so a command that explains still runs the model once per batch.
 """
 
 from collections.abc import Callable, Iterator, Sequence
@@ -19,7 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from flax_detector import preprocess, report, sharding
+from flax_detector import gradcam, preprocess, report, sharding
 from flax_detector import workdir as workdir_layout
 from flax_detector.checkpoint import abstract_with_shardings, restore_model_variables
 from flax_detector.models import create_model, init_variables, view_averaged_log_probs
@@ -37,6 +38,7 @@ class Detector:
   batch_size: int
   _variables: Any
   _log_probs: Callable[[Any, jax.Array], jax.Array]
+  _explained_log_probs: Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]
   _batch_sharding: jax.sharding.NamedSharding
 
   @property
@@ -54,10 +56,25 @@ class Detector:
 
   def log_probs(self, views: Sequence[np.ndarray]) -> np.ndarray:
     """Uncalibrated log-probabilities float32[n, classes] of up to batch_size images' views."""
+    output = self._log_probs(self._variables, self._device_batch(views))
+    return np.asarray(output)[:len(views)]
+
+  def explain(self, views: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """log_probs' output and each view's Grad-CAM float32[n, V, h, w] (gradcam.py), from one compiled call."""
+    log_probs, cams = self._explained_log_probs(self._variables, self._device_batch(views))
+    return np.asarray(log_probs)[:len(views)], np.asarray(cams)[:len(views)]
+
+  def heatmap(self, view_cams: np.ndarray, image_shape: tuple[int, int]) -> np.ndarray:
+    """float32[H, W]: an image's Grad-CAM, its views' maps (from `explain`) placed where `views` cut them."""
+    data = self.config.data
+    return gradcam.image_heatmap(view_cams, image_shape, self.config.image_size, data.preprocess,
+                                 data.get("eval_grid", 1))
+
+  def _device_batch(self, views: Sequence[np.ndarray]) -> jax.Array:
+    """The views padded with blank images to the compiled batch size, on the mesh."""
     batch = np.zeros((self.batch_size,) + views[0].shape, np.uint8)
     batch[:len(views)] = np.stack(views)
-    output = self._log_probs(self._variables, jax.device_put(batch, self._batch_sharding))
-    return np.asarray(output)[:len(views)]
+    return jax.device_put(batch, self._batch_sharding)
 
 
 def load_detector(workdir: epath.PathLike, batch_size: int | None = None) -> Detector:
@@ -66,21 +83,34 @@ def load_detector(workdir: epath.PathLike, batch_size: int | None = None) -> Det
   config = workdir_layout.load_config(workdir)
   model = create_model(config.model, len(config.data.class_names))
   mesh = sharding.create_mesh()
-  batch_size = batch_size or config.eval_batch_size
-  sharding.check_divisible(batch_size, "--batch_size", mesh)
   variables_shape = jax.eval_shape(lambda: init_variables(model, config.image_size, jax.random.PRNGKey(0)))
   replicated = jax.tree.map(lambda _: sharding.replicated(mesh), variables_shape)
   variables, step = restore_model_variables(workdir / workdir_layout.CHECKPOINTS,
                                             abstract_with_shardings(variables_shape, replicated))
   logging.info("Loaded checkpoint step %d from %s", step, workdir)
+  return build_detector(config, variables, step, report.load_calibration(workdir), mesh, batch_size)
 
+
+def build_detector(config: ml_collections.ConfigDict, variables: Any, step: int, calibration: report.Calibration,
+                   mesh: jax.sharding.Mesh, batch_size: int | None = None) -> Detector:
+  """A Detector over given variables (restored, or built by hand in a test), compiled lazily on first use."""
+  model = create_model(config.model, len(config.data.class_names))
+  batch_size = batch_size or config.eval_batch_size
+  sharding.check_divisible(batch_size, "--batch_size", mesh)
+  positive = list(config.data.class_names).index(config.data.positive_class)
+
+  # Variables are an argument, not a closure: as constants they would be baked into the program.
   @jax.jit
   def log_probs(variables: Any, images: jax.Array) -> jax.Array:
-    # Variables are an argument, not a closure: as constants they would be baked into the program.
     return view_averaged_log_probs(model.apply, variables, images)
 
-  return Detector(config=config, step=step, calibration=report.load_calibration(workdir), batch_size=batch_size,
-                  _variables=variables, _log_probs=log_probs, _batch_sharding=sharding.batch_sharding(mesh))
+  @jax.jit
+  def explained_log_probs(variables: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return gradcam.explained_log_probs(model.apply, variables, images, positive)
+
+  return Detector(config=config, step=step, calibration=calibration, batch_size=batch_size, _variables=variables,
+                  _log_probs=log_probs, _explained_log_probs=explained_log_probs,
+                  _batch_sharding=sharding.batch_sharding(mesh))
 
 
 class _LibraryFilter(logging.logging.Filter):
@@ -126,23 +156,41 @@ class Progress:
     return self._done / max(elapsed, 1e-9)
 
 
-def stream_scores(detector: Detector, items: Sequence[Item], load_views: Callable[[Item], np.ndarray | None],
-                  label: str) -> Iterator[tuple[list[Item], np.ndarray]]:
-  """(items that loaded, their log-probabilities) per batch; the next batch decodes while this one runs.
+@dataclasses.dataclass(frozen=True)
+class ScoredBatch:
+  """Images that loaded, as their loader returned them, with their scores (and Grad-CAMs when explaining)."""
 
-  `load_views(item)` returns the item's eval views, or None (after saying why) to leave it out.
+  items: list[Any]
+  images: list[np.ndarray]
+  log_probs: np.ndarray
+  view_cams: np.ndarray | None
+
+
+def stream_scores(detector: Detector, items: Sequence[Item], load_image: Callable[[Item], np.ndarray | None],
+                  label: str, explain: bool = False) -> Iterator[ScoredBatch]:
+  """Scores per batch; the next batch decodes (and is cut into views) while this one runs.
+
+  `load_image(item)` returns the decoded image, or None (after saying why) to leave it out. With
+  `explain`, each batch also carries its views' Grad-CAMs, from the same compiled call as the scores.
   """
   progress = Progress(label, len(items))
   chunks = [items[start:start + detector.batch_size] for start in range(0, len(items), detector.batch_size)]
+
+  def load(item: Item) -> tuple[np.ndarray, np.ndarray] | None:
+    image = load_image(item)
+    return None if image is None else (image, detector.views(image))
+
   with futures.ThreadPoolExecutor() as pool:
-    submitted = [[pool.submit(load_views, item) for item in chunk] for chunk in chunks[:1]]
+    submitted = [[pool.submit(load, item) for item in chunk] for chunk in chunks[:1]]
     for index, chunk in enumerate(chunks):
       if index + 1 < len(chunks):
-        submitted.append([pool.submit(load_views, item) for item in chunks[index + 1]])
+        submitted.append([pool.submit(load, item) for item in chunks[index + 1]])
       loaded = [future.result() for future in submitted.pop(0)]
-      kept = [(item, views) for item, views in zip(chunk, loaded) if views is not None]
+      kept = [(item, pair) for item, pair in zip(chunk, loaded) if pair is not None]
       if kept:
-        yield [item for item, _ in kept], detector.log_probs([views for _, views in kept])
+        views = [views for _, (_, views) in kept]
+        log_probs, view_cams = detector.explain(views) if explain else (detector.log_probs(views), None)
+        yield ScoredBatch([item for item, _ in kept], [image for _, (image, _) in kept], log_probs, view_cams)
       progress.advance(len(chunk))
   rate = progress.finish()
   logging.info("%s: %d images at %.1f images/s", label, len(items), rate)

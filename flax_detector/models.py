@@ -12,6 +12,10 @@ import numpy as np
 VGG16_STAGES: tuple[tuple[int, ...], ...] = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
 CLASSIFIER_WIDTH = 4096
 POOLED_SIDE = 7
+# The last conv stage's output (its last ReLU, before the final max pool), exposed for Grad-CAM: sown into
+# "intermediates" and passed through `perturb`. Both are no-ops that add no parameters unless a caller makes
+# "intermediates" mutable or passes a "perturbations" collection (whose gradient is then this output's).
+LAST_CONV_FEATURES = "last_conv_features"
 
 # ImageNet statistics, as torchvision normalises its inputs; images arrive as uint8 and are
 # normalised inside the jitted step so only bytes cross the host-device boundary.
@@ -65,7 +69,7 @@ class VGG16(nn.Module):
   @nn.compact
   def __call__(self, images: jnp.ndarray, *, train: bool) -> jnp.ndarray:
     x = ((images.astype(jnp.float32) - _RGB_MEAN) / _RGB_STD).astype(self.dtype)
-    for stage in self.stages:
+    for index, stage in enumerate(self.stages):
       for width in stage:
         x = nn.Conv(scaled_width(width, self.width_multiplier), (3, 3), padding=1, kernel_init=_conv_init,
                     dtype=self.dtype)(x)
@@ -74,6 +78,9 @@ class VGG16(nn.Module):
           # are computed over the global batch.
           x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype)(x)
         x = nn.relu(x)
+      if index == len(self.stages) - 1:
+        self.sow("intermediates", LAST_CONV_FEATURES, x)
+        x = self.perturb(LAST_CONV_FEATURES, x)
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = adaptive_avg_pool(x, POOLED_SIDE)
     x = x.reshape((x.shape[0], -1))
@@ -111,5 +118,9 @@ def view_averaged_log_probs(apply_fn: Any, variables: Any, images: jnp.ndarray) 
   """
   batch, views = images.shape[:2]
   logits = apply_fn(variables, images.reshape((batch * views,) + images.shape[2:]), train=False)
-  per_view = jax.nn.log_softmax(logits.reshape(batch, views, -1), axis=-1)
-  return jax.nn.log_softmax(per_view.mean(axis=1), axis=-1)
+  return average_view_log_probs(logits.reshape(batch, views, -1))
+
+
+def average_view_log_probs(logits: jnp.ndarray) -> jnp.ndarray:
+  """float32[b, views, classes] logits to the images' log-probabilities, as view_averaged_log_probs explains."""
+  return jax.nn.log_softmax(jax.nn.log_softmax(logits, axis=-1).mean(axis=1), axis=-1)

@@ -173,18 +173,19 @@ def robustness_figure(rows: Sequence[dict[str, Any]], path: epath.PathLike) -> N
 
 
 def mistakes_figure(items: Sequence[tuple[np.ndarray, float, str, str]], path: epath.PathLike,
-                    columns: int = 4) -> None:
+                    columns: int = 4, title: str = "Most confident mistakes") -> None:
   """A grid of the most confident errors, titled "true: X, p_ai=0.97" and the file name.
 
-  Looking at them is the quickest way to spot label noise or a shortcut (watermarks, borders, one artist).
+  Looking at them is the quickest way to spot label noise or a shortcut (watermarks, borders, one artist);
+  the same grid of Grad-CAM overlays shows where in each image the detector found its evidence.
   """
   if not items:
-    _message_figure("Most confident mistakes", "no mistakes", path)
+    _message_figure(title, "no mistakes", path)
     return
   columns = min(columns, len(items))
   rows = math.ceil(len(items) / columns)
   figure = Figure(figsize=(3 * columns, 3.3 * rows))
-  figure.suptitle("Most confident mistakes")
+  figure.suptitle(title)
   for index, (thumbnail, p_ai, true_name, file_name) in enumerate(items):
     axes = figure.add_subplot(rows, columns, index + 1)
     axes.imshow(thumbnail)

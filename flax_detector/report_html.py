@@ -93,6 +93,16 @@ def _metadata_overlap(overlap: dict[str, Any]) -> str:
   return "".join(parts)
 
 
+def _mistakes(mistakes: dict[str, Any]) -> str:
+  """The most confident errors by name, and how to read their Grad-CAM grid."""
+  return ("<h2>Most confident mistakes</h2>"
+          f"<p>{html.escape(mistakes['figure'])} shows them; {html.escape(mistakes['gradcam_figure'])} shows the "
+          "same images with a Grad-CAM heat map of where the detector found evidence for the positive class "
+          f"(red: most; untinted: none, or not seen by any crop). Target: {html.escape(mistakes['gradcam_target'])}."
+          "</p>" + _table(("file", "true class", "p_ai"),
+                          [(item["name"], item["true_class"], item["p_ai"]) for item in mistakes["images"]]))
+
+
 def _figure(path: epath.Path) -> str:
   encoded = base64.b64encode(path.read_bytes()).decode("ascii")
   name = html.escape(path.name)
@@ -103,7 +113,7 @@ def write_html(path: epath.PathLike, report: dict[str, Any], figure_names: Seque
   """Writes the report page to `path`.
 
   `report` holds binary_metrics.summarize's keys (plus optional "ece_calibrated", "temperature",
-  "checkpoint_step", "class_names", "robustness", "audit" and "metadata_overlap"); `figure_names` are PNG
+  "checkpoint_step", "class_names", "robustness", "audit", "metadata_overlap" and "mistakes"); `figure_names` are PNG
   files, joined to the page's folder as pathlib joins (an absolute name stands alone), embedded in order.
   """
   path = epath.Path(path)
@@ -119,6 +129,8 @@ def write_html(path: epath.PathLike, report: dict[str, Any], figure_names: Seque
     sections.append(_metadata_overlap(report["metadata_overlap"]))
   if report.get("audit"):
     sections.append(_audit(report["audit"]))
+  if report.get("mistakes"):
+    sections.append(_mistakes(report["mistakes"]))
   if figure_names:
     figures = [_figure(path.parent / name) for name in figure_names]
     sections.append("<h2>Figures</h2>" + "".join(figures))

@@ -58,10 +58,15 @@ def test_report_agrees_with_sklearn_on_predicts_csv(trained_workdir, labelled_fo
   assert all(0.0 <= row["accuracy"] <= 1.0 for row in result["robustness"])
   assert json.loads((out / "report.json").read_text())["accuracy"] == result["accuracy"]
   html = (out / "report.html").read_text()
-  for name in ("confusion_matrix", "roc", "pr", "score_histogram", "reliability", "robustness", "mistakes"):
+  for name in ("confusion_matrix", "roc", "pr", "score_histogram", "reliability", "robustness", "mistakes",
+               "mistakes_gradcam"):
     with Image.open(out / f"{name}.png") as figure:
       assert figure.size[0] > 200
-  assert html.count("data:image/png;base64,") == 7
+  assert html.count("data:image/png;base64,") == 8
+  wrong = result["confusion_matrix"][0][1] + result["confusion_matrix"][1][0]
+  mistakes = result["mistakes"]
+  assert mistakes["gradcam_figure"] == "mistakes_gradcam.png" and len(mistakes["images"]) == min(12, wrong)
+  assert all(item["name"] in html for item in mistakes["images"])
 
 
 def test_without_a_data_dir_the_runs_test_split_is_scored(trained_workdir, tmp_path):

@@ -4,9 +4,10 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 from PIL import Image
+import pytest
 
+from flax_detector import predict
 from flax_detector.data.synthetic import SyntheticSource
 
 
@@ -76,3 +77,28 @@ def test_predict_fails_only_when_nothing_is_readable(trained_workdir, tmp_path):
 def test_predict_without_a_trained_workdir_says_so(tmp_path):
   result = _run_predict(f"--workdir={tmp_path}", str(tmp_path))
   assert result.returncode != 0 and "config.json" in result.stderr
+
+
+def test_explain_writes_one_overlay_png_per_image_named_after_it(trained_workdir, tmp_path):
+  source = SyntheticSource("test", 3, 32, 48)
+  sizes = {}
+  for index, relative in enumerate(("a/cat.png", "b/cat.jpg", "a/dog.png")):
+    path = tmp_path / "in" / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(source[index][0]).save(path)
+    sizes[str(path)] = source[index][0].shape[1::-1]
+  out = tmp_path / "explained"
+  result = _run_predict(f"--workdir={trained_workdir}", f"--explain={out}", str(tmp_path / "in"))
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.splitlines()[0] == "path,p_ai,label,explanation"
+  rows = list(csv.DictReader(io.StringIO(result.stdout)))
+  assert sorted(path.name for path in out.iterdir()) == ["cat-2.png", "cat.png", "dog.png"]
+  for row in rows:
+    with Image.open(row["explanation"]) as overlay:
+      assert overlay.format == "PNG" and overlay.size == sizes[row["path"]]
+
+  plain = tmp_path / "plain.csv"
+  predict.predict(str(trained_workdir), [str(tmp_path / "in")], str(plain), None)
+  with open(plain, newline="") as stream:
+    plain_p_ai = {row["path"]: float(row["p_ai"]) for row in csv.DictReader(stream)}
+  assert {row["path"]: float(row["p_ai"]) for row in rows} == pytest.approx(plain_p_ai, abs=1e-5)
