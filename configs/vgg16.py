@@ -35,6 +35,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Evaluation and prediction average the model over eval_grid x eval_grid crops spread evenly over
   # each image (1: the centre crop only); the cost of evaluation grows with eval_grid squared.
   data.eval_grid = 1
+  # The periodic validation while training looks at periodic_eval_grid x periodic_eval_grid crops
+  # (1: the centre crop), a progress signal at a fraction of eval_grid's cost; the calibration and the
+  # final test metrics always use eval_grid.
+  data.periodic_eval_grid = 1
   # Probability of a horizontal flip of a training crop.
   data.flip_probability = 0.5
   # Probability of re-compressing a training crop as JPEG, and the quality range drawn from.

@@ -42,7 +42,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
        "need 1 <= min <= max <= 100"),
       (0.0 < config.data.blur_sigma_min <= config.data.blur_sigma_max,
        f"data.blur_sigma_min/max={config.data.blur_sigma_min}/{config.data.blur_sigma_max}: need 0 < min <= max"),
-      (config.data.eval_grid >= 1, f"data.eval_grid={config.data.eval_grid}: must be >= 1"),
+      *[(config.data[name] >= 1, f"data.{name}={config.data[name]}: must be >= 1")
+        for name in ("eval_grid", "periodic_eval_grid")],
       (config.data.worker_count >= 0, f"data.worker_count={config.data.worker_count}: must be >= 0"),
       (config.image_size >= MIN_IMAGE_SIZE, f"image_size={config.image_size}: VGG16 needs at least {MIN_IMAGE_SIZE}"),
       (config.batch_size > 0 and config.eval_batch_size > 0,

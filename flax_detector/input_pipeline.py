@@ -208,14 +208,28 @@ def num_eval_steps(num_records: int, eval_batch_size: int) -> int:
   return max(1, math.ceil(num_records / eval_batch_size))
 
 
-def eval_dataset(source: ImageSource, config: ml_collections.ConfigDict, process_index: int,
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+  """What an eval batch depends on: the global batch size and how each image becomes its views."""
+
+  batch_size: int  # global: every process runs the same number of steps of this many examples
+  image_size: int
+  preprocess: str  # a data.preprocess mode
+  grid: int  # grid x grid views per image
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> "EvalSettings":
+    return cls(config.eval_batch_size, config.image_size, config.data.preprocess, config.data.eval_grid)
+
+
+def eval_dataset(source: ImageSource, settings: EvalSettings, process_index: int,
                  process_count: int) -> grain.MapDataset:
   """This process's eval batches: the split in order, padded to whole global batches and masked."""
-  local_batch = _local_batch_size(config.eval_batch_size, process_count, "eval_batch_size")
-  steps = num_eval_steps(len(source), config.eval_batch_size)
-  positions = grain.MapDataset.range(steps * config.eval_batch_size).batch(local_batch)
+  local_batch = _local_batch_size(settings.batch_size, process_count, "eval_batch_size")
+  steps = num_eval_steps(len(source), settings.batch_size)
+  positions = grain.MapDataset.range(steps * settings.batch_size).batch(local_batch)
   return positions[process_index::process_count].map(
-      _LoadEvalBatch(source, config.image_size, config.data.preprocess, config.data.eval_grid))
+      _LoadEvalBatch(source, settings.image_size, settings.preprocess, settings.grid))
 
 
 def make_iterator(dataset: grain.MapDataset, worker_count: int, worker_buffer_size: int,

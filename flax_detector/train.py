@@ -117,25 +117,43 @@ class Scores:
   labels: np.ndarray  # int32[n]
 
 
-def evaluate(eval_step_fn: Any, state: TrainState, dataset: grain.MapDataset, config: ml_collections.ConfigDict,
-             batch_sharding: jax.sharding.NamedSharding) -> tuple[dict[str, Any], Scores]:
-  """Runs the whole split through `eval_step_fn`; every example counts exactly once."""
-  positive = list(config.data.class_names).index(config.data.positive_class)
-  accumulated = None
-  collected: list[dict[str, np.ndarray]] = []
-  iterator = input_pipeline.make_iterator(dataset, config.data.worker_count, config.data.worker_buffer_size)
-  with contextlib.closing(iterator):
-    for local_batch in iterator:
-      batch_metrics, batch_scores = eval_step_fn(state, sharding.to_global_batch(local_batch, batch_sharding))
+class Evaluator:
+  """Scores one split, as often as asked, through the same Grain worker processes.
+
+  Starting workers costs about a second, more than scoring a small validation split on a CPU. With
+  `reuse`, the iterator runs over the split's padded batches repeated without end and each call takes
+  exactly one pass, so every evaluation sees the same batches in the same order and the workers
+  prepare the next evaluation's first batches while training goes on.
+  """
+
+  def __init__(self, eval_step: Callable[..., tuple[metrics.EvalMetrics, dict[str, jax.Array]]],
+               dataset: grain.MapDataset, data: ml_collections.ConfigDict,
+               batch_sharding: jax.sharding.NamedSharding, *, reuse: bool):
+    self._eval_step, self._batch_sharding = eval_step, batch_sharding
+    self._num_batches = len(dataset)
+    self._positive_index = list(data.class_names).index(data.positive_class)
+    self._iterator = input_pipeline.make_iterator(dataset.repeat(None) if reuse else dataset, data.worker_count,
+                                                  data.worker_buffer_size)
+
+  def __call__(self, state: TrainState) -> tuple[dict[str, Any], Scores]:
+    """Runs one pass of the split through the eval step; every example counts exactly once."""
+    accumulated = None
+    collected: list[dict[str, jax.Array]] = []
+    for _ in range(self._num_batches):
+      global_batch = sharding.to_global_batch(next(self._iterator), self._batch_sharding)
+      batch_metrics, batch_scores = self._eval_step(state, global_batch)
       accumulated = batch_metrics if accumulated is None else accumulated.merge(batch_metrics)
       collected.append(batch_scores)
-  host = {name: np.concatenate([np.asarray(scores[name]) for scores in collected]) for name in collected[0]}
-  keep = host["mask"]
-  scores = Scores(host["log_probs"][keep], host["label"][keep])
-  return metrics.summarize_eval(accumulated, positive), scores
+    host = {name: np.concatenate([np.asarray(scores[name]) for scores in collected]) for name in collected[0]}
+    keep = host["mask"]
+    return metrics.summarize_eval(accumulated, self._positive_index), Scores(host["log_probs"][keep],
+                                                                             host["label"][keep])
+
+  def close(self) -> None:
+    self._iterator.close()
 
 
-def _every(setting: int, steps_per_epoch: float) -> int:
+def _interval_steps(setting: int, steps_per_epoch: float) -> int:
   """A step interval from a config field where <= 0 means once per epoch."""
   return setting if setting > 0 else max(1, round(steps_per_epoch))
 
@@ -161,11 +179,11 @@ class Experiment:
   def batch_sharding(self) -> jax.sharding.NamedSharding:
     return sharding.batch_sharding(self.mesh)
 
-  def eval_data(self, split: input_pipeline.ImageSource) -> grain.MapDataset:
-    return input_pipeline.eval_dataset(split, self.config, jax.process_index(), jax.process_count())
-
-  def evaluate(self, state: TrainState, split: input_pipeline.ImageSource) -> tuple[dict[str, Any], Scores]:
-    return evaluate(self.eval_step, state, self.eval_data(split), self.config, self.batch_sharding)
+  def evaluator(self, split: input_pipeline.ImageSource, *, grid: int, reuse: bool) -> Evaluator:
+    """An Evaluator of `split` with grid x grid views per image; close it when done."""
+    settings = dataclasses.replace(input_pipeline.EvalSettings.from_config(self.config), grid=grid)
+    dataset = input_pipeline.eval_dataset(split, settings, jax.process_index(), jax.process_count())
+    return Evaluator(self.eval_step, dataset, self.config.data, self.batch_sharding, reuse=reuse)
 
 
 def _with_crop_size(config: ml_collections.ConfigDict, splits: input_pipeline.Splits) -> ml_collections.ConfigDict:
@@ -271,13 +289,16 @@ def _stop_if_not_finite(loss: float, first_step: int, step: int, checkpointer: C
 
 
 def _train(experiment: Experiment, state: TrainState, train_iterator: grain.DatasetIterator,
-           checkpointer: Checkpointer, writer: metric_writers.MetricWriter) -> tuple[TrainState, bool]:
+           validation: Evaluator | None, checkpointer: Checkpointer,
+           writer: metric_writers.MetricWriter) -> tuple[TrainState, bool]:
   """Runs steps up to experiment.last_step; returns (state, whether a preemption stopped it).
+
+  `validation` (None without a validation split) scores the validation split every eval_every_steps.
 
   Raises errors.RunStoppedError when the training loss turns NaN or infinite.
   """
   config = experiment.config
-  eval_every = _every(config.eval_every_steps, experiment.steps_per_epoch)
+  eval_every = _interval_steps(config.eval_every_steps, experiment.steps_per_epoch)
   report_progress = periodic_actions.ReportProgress(num_train_steps=experiment.last_step, writer=writer)
   train_metrics = None
   step = int(jax.device_get(state.step))
@@ -297,9 +318,11 @@ def _train(experiment: Experiment, state: TrainState, train_iterator: grain.Data
         writer.write_scalars(step, scalars)
         _stop_if_not_finite(scalars["train_loss"], unlogged_from, step, checkpointer)
         train_metrics, unlogged_from = None, step + 1
-      if len(experiment.splits.validation) and (step % eval_every == 0 or is_last):
+      if validation is not None and (step % eval_every == 0 or is_last):
         with report_progress.timed("eval"):
-          summary, _ = experiment.evaluate(state, experiment.splits.validation)
+          start = time.monotonic()
+          summary, _ = validation(state)
+          logging.info("Validation at step %d took %.1f s", step, time.monotonic() - start)
         writer.write_scalars(step, {k: v for k, v in summary.items() if k.startswith("eval_")})
       stop = preemption.should_stop(step)
       if checkpointer.will_save(step, force=stop or is_last):
@@ -335,12 +358,23 @@ def _audit_data(experiment: Experiment, workdir: epath.Path) -> None:
     logging.warning("!" * 100)
 
 
+def _evaluate_once(experiment: Experiment, state: TrainState,
+                   split: input_pipeline.ImageSource) -> tuple[dict[str, Any], Scores]:
+  """`split` scored once with the data.eval_grid views that the reported numbers are defined on."""
+  start = time.monotonic()
+  with contextlib.closing(experiment.evaluator(split, grid=experiment.config.data.eval_grid, reuse=False)) as once:
+    result = once(state)
+  logging.info("Scored %d images (%d views each) in %.1f s", len(split), experiment.config.data.eval_grid**2,
+               time.monotonic() - start)
+  return result
+
+
 def _calibrate(experiment: Experiment, state: TrainState, positive: int) -> dict[str, Any]:
   """Temperature and threshold fitted on the validation split (never on test)."""
   if not len(experiment.splits.validation):
     return {"temperature": 1.0, "threshold": 0.5, "fitted_on": "nothing: data.val_fraction=0 leaves no validation "
                                                                "split, so scores are uncalibrated"}
-  _, scores = experiment.evaluate(state, experiment.splits.validation)
+  _, scores = _evaluate_once(experiment, state, experiment.splits.validation)
   return report.fit_calibration(scores.log_probs, scores.labels, positive)
 
 
@@ -351,7 +385,7 @@ def _final_evaluation(experiment: Experiment, state: TrainState, workdir: epath.
   class_names = list(config.data.class_names)
   positive = class_names.index(config.data.positive_class)
   step = int(jax.device_get(state.step))
-  final, test_scores = experiment.evaluate(state, experiment.splits.test)
+  final, test_scores = _evaluate_once(experiment, state, experiment.splits.test)
   fitted_calibration = _calibrate(experiment, state, positive)
   fitted = report.Calibration(fitted_calibration["temperature"], fitted_calibration["threshold"])
   final.update(split="test", checkpoint_step=step, class_names=class_names,
@@ -388,12 +422,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
               else metric_writers.MultiWriter([]))
     cleanup.callback(writer.close)
     checkpointer = cleanup.enter_context(Checkpointer(
-        workdir_path / workdir_module.CHECKPOINTS, _every(config.checkpoint_every_steps, experiment.steps_per_epoch),
+        workdir_path / workdir_module.CHECKPOINTS,
+        _interval_steps(config.checkpoint_every_steps, experiment.steps_per_epoch),
         config.max_checkpoints_to_keep, Topology(jax.process_count(), config.data.worker_count)))
     state, train_iterator = _restore_or_initialize(experiment, checkpointer)
     cleanup.callback(train_iterator.close)
     _log_start(experiment, state, workdir_path, writer)
-    state, preempted = _train(experiment, state, train_iterator, checkpointer, writer)
+    validation = None
+    if len(experiment.splits.validation):
+      validation = cleanup.enter_context(contextlib.closing(experiment.evaluator(
+          experiment.splits.validation, grid=experiment.config.data.periodic_eval_grid, reuse=True)))
+    state, preempted = _train(experiment, state, train_iterator, validation, checkpointer, writer)
     if preempted:
       return None
     final = _final_evaluation(experiment, state, workdir_path, writer)

@@ -11,7 +11,8 @@ def _batches(config, process_index=0, process_count=1, split="train"):
   if split == "train":
     dataset = input_pipeline.train_dataset(splits.train, config, process_index, process_count)
   else:
-    dataset = input_pipeline.eval_dataset(getattr(splits, split), config, process_index, process_count)
+    dataset = input_pipeline.eval_dataset(getattr(splits, split), input_pipeline.EvalSettings.from_config(config),
+                                           process_index, process_count)
   return [dataset[i] for i in range(len(dataset))]
 
 
@@ -126,7 +127,7 @@ def test_unreadable_files_are_left_out_and_a_file_broken_later_is_masked(make_co
   batches = [train[i] for i in range(len(train))]
   masked = np.concatenate([batch["mask"] for batch in batches])
   assert masked.sum() == masked.size - 1  # the one broken record, wherever the shuffle put it
-  test = input_pipeline.eval_dataset(splits.test, config, 0, 1)
+  test = input_pipeline.eval_dataset(splits.test, input_pipeline.EvalSettings.from_config(config), 0, 1)
   test_masks = np.concatenate([test[i]["mask"] for i in range(len(test))])
   assert test_masks.sum() == 16
   assert "3.png" in caplog.text and splits.train.labels[later] == 0

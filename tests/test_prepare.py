@@ -163,8 +163,8 @@ def test_training_batches_are_identical_from_the_folder_and_the_prepared_copy(tm
     expected, actual = folder_batches[step], prepared_batches[step]
     np.testing.assert_array_equal(actual["image"], expected["image"])
     np.testing.assert_array_equal(actual["label"], expected["label"])
-  folder_eval = input_pipeline.eval_dataset(from_folder.test, config, 0, 1)
-  prepared_eval = input_pipeline.eval_dataset(from_prepared.test, config, 0, 1)
+  folder_eval = input_pipeline.eval_dataset(from_folder.test, input_pipeline.EvalSettings.from_config(config), 0, 1)
+  prepared_eval = input_pipeline.eval_dataset(from_prepared.test, input_pipeline.EvalSettings.from_config(config), 0, 1)
   for step in range(len(folder_eval)):
     np.testing.assert_array_equal(prepared_eval[step]["image"], folder_eval[step]["image"])
 

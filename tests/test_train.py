@@ -1,5 +1,7 @@
+import contextlib
 import functools
 import json
+import multiprocessing
 
 import jax
 import jax.numpy as jnp
@@ -107,3 +109,20 @@ def test_resume_through_grain_worker_state_matches_a_run_without_workers(trained
   resumed = train.train_and_evaluate(make_config(data__worker_count=1), str(tmp_path))
   _assert_same_final_variables(trained_workdir, tmp_path, make_config())
   assert resumed == json.loads((trained_workdir / "final_metrics.json").read_text())
+
+
+def test_a_reused_evaluator_keeps_its_workers_and_scores_every_pass_alike(make_config):
+  """Each call takes exactly one pass of the repeated split: the same numbers as a one-off evaluation."""
+  experiment = train.build_experiment(make_config(data__worker_count=1))
+  state = jax.jit(experiment.init_state, out_shardings=experiment.state_shardings)()
+  split, grid = experiment.splits.test, experiment.config.data.eval_grid
+  with contextlib.closing(experiment.evaluator(split, grid=grid, reuse=False)) as once:
+    expected, expected_scores = once(state)
+  with contextlib.closing(experiment.evaluator(split, grid=grid, reuse=True)) as reused:
+    workers = None
+    for _ in range(3):
+      summary, scores = reused(state)
+      assert summary == expected and summary["num_examples"] == len(split)
+      np.testing.assert_array_equal(scores.log_probs, expected_scores.log_probs)
+      workers = workers or set(multiprocessing.active_children())
+      assert workers and set(multiprocessing.active_children()) == workers  # no worker started or stopped
