@@ -29,7 +29,7 @@ from flax_detector.models import LAST_CONV_FEATURES, VGG16_STAGES, average_view_
 
 # Pixels per cell of the last conv stage: every stage but the last ends in a 2x2 max pool before it.
 CELL_SIDE = 2 ** (len(VGG16_STAGES) - 1)
-OVERLAY_OPACITY = 0.5
+MAX_OPACITY = 0.6  # of the colour where the heat peaks
 COLORMAP = "jet"
 
 
@@ -114,8 +114,8 @@ def image_heatmap(view_cams: np.ndarray, image_shape: tuple[int, int], size: int
 def overlay(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
   """uint8[H, W, 3]: the image with the heat map, scaled to its own maximum, blended in as a colour map.
 
-  Per-image scaling shows where the evidence lies, not how much there is (p_ai says that); an image
-  with no positive evidence at all is returned untinted, as are pixels whose heat is NaN.
+  Per-image scaling shows where the evidence lies, not how much there is (p_ai says that). The colour's
+  opacity grows with the heat, so pixels without evidence, and those whose heat is NaN, stay as they were.
   """
   from matplotlib import colormaps  # pylint: disable=g-import-not-at-top  (only commands that draw need it)
 
@@ -123,6 +123,7 @@ def overlay(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
   peak = float(heat[seen].max()) if seen.any() else 0.0
   if peak <= 0:
     return image.copy()
-  colours = colormaps[COLORMAP](np.where(seen, heat, 0) / peak)[..., :3] * 255
-  opacity = np.where(seen, OVERLAY_OPACITY, 0.0)[..., None]
+  scaled = np.where(seen, heat, 0) / peak
+  colours = colormaps[COLORMAP](scaled)[..., :3] * 255
+  opacity = (MAX_OPACITY * scaled)[..., None]
   return np.clip(np.rint(image * (1 - opacity) + colours * opacity), 0, 255).astype(np.uint8)

@@ -158,11 +158,11 @@ class Progress:
 
 @dataclasses.dataclass(frozen=True)
 class ScoredBatch:
-  """Images that loaded, as their loader returned them, with their scores (and Grad-CAMs when explaining)."""
+  """The items that loaded, with their scores (and, when explaining, their images and Grad-CAMs)."""
 
   items: list[Any]
-  images: list[np.ndarray]
   log_probs: np.ndarray
+  images: list[np.ndarray] | None  # kept only when explaining: an overlay needs the image, a score does not
   view_cams: np.ndarray | None
 
 
@@ -176,9 +176,9 @@ def stream_scores(detector: Detector, items: Sequence[Item], load_image: Callabl
   progress = Progress(label, len(items))
   chunks = [items[start:start + detector.batch_size] for start in range(0, len(items), detector.batch_size)]
 
-  def load(item: Item) -> tuple[np.ndarray, np.ndarray] | None:
+  def load(item: Item) -> tuple[np.ndarray | None, np.ndarray] | None:
     image = load_image(item)
-    return None if image is None else (image, detector.views(image))
+    return None if image is None else (image if explain else None, detector.views(image))
 
   with futures.ThreadPoolExecutor() as pool:
     submitted = [[pool.submit(load, item) for item in chunk] for chunk in chunks[:1]]
@@ -189,8 +189,11 @@ def stream_scores(detector: Detector, items: Sequence[Item], load_image: Callabl
       kept = [(item, pair) for item, pair in zip(chunk, loaded) if pair is not None]
       if kept:
         views = [views for _, (_, views) in kept]
-        log_probs, view_cams = detector.explain(views) if explain else (detector.log_probs(views), None)
-        yield ScoredBatch([item for item, _ in kept], [image for _, (image, _) in kept], log_probs, view_cams)
+        if explain:
+          log_probs, view_cams = detector.explain(views)
+          yield ScoredBatch([item for item, _ in kept], log_probs, [image for _, (image, _) in kept], view_cams)
+        else:
+          yield ScoredBatch([item for item, _ in kept], detector.log_probs(views), None, None)
       progress.advance(len(chunk))
   rate = progress.finish()
   logging.info("%s: %d images at %.1f images/s", label, len(items), rate)
