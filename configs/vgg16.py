@@ -97,6 +97,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.weight_decay = 5e-4
   # Gradient clipping by global norm; <= 0 disables it.
   config.grad_clip_norm = 1.0
+  # Weights to start from at a fresh start (a resume restores its own checkpoint): a torchvision VGG16 or
+  # VGG16-BN state dict saved as .safetensors, or a flax_detector workdir; "" initialises from seed.
+  # A last layer with another class count (ImageNet's 1000) is re-initialised.
+  config.init_from = ""
+  # "none" trains every parameter; "features" trains only the classifier (the convolutions, their
+  # BatchNorm layers and statistics stay as loaded and have no optimizer state).
+  config.freeze = "none"
   # Seeds data order, augmentation, initialisation and dropout.
   config.seed = 0
   # "balanced" (n / (k * count_c) over the training split), "none", or explicit per-class weights "w0,w1".

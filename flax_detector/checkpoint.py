@@ -145,12 +145,10 @@ class Checkpointer:
   def restore(self, step: int, abstract_state: Any,
               make_data_iterator: Callable[[int], grain.DatasetIterator]) -> tuple[Any, grain.DatasetIterator]:
     """Restores the state at `step` onto the shardings in `abstract_state`, and its data iterator."""
-    saved_topology = Topology(**self._manager.restore(step, args=ocp.args.Composite(
-        **{_TOPOLOGY: ocp.args.JsonRestore()}))[_TOPOLOGY])
     self._check_fits(step, abstract_state)
-    if saved_topology != self._topology:
-      logging.info("Checkpoint %d was written by %s, this run is %s: positioning the data iterator at step %d "
-                   "(same data order).", step, saved_topology, self._topology, step)
+    unusable_iterator = self._why_iterator_unusable(step)
+    if unusable_iterator:
+      logging.info("%s: positioning the data iterator at step %d (same data order).", unusable_iterator, step)
       state = self._manager.restore(step, args=ocp.args.Composite(
           **{_STATE: ocp.args.StandardRestore(abstract_state)}))[_STATE]
       return state, make_data_iterator(step)
@@ -162,6 +160,16 @@ class Checkpointer:
       data_iterator.close()  # its worker processes may have started
       raise
     return restored[_STATE], data_iterator
+
+  def _why_iterator_unusable(self, step: int) -> str | None:
+    """Why this run cannot restore the data iterator state saved with `step`, or None when it can."""
+    if not (self.directory / str(step) / _DATA).exists():
+      return f"Checkpoint {step} holds no data iterator (its weights were imported)"
+    saved_topology = Topology(**self._manager.restore(step, args=ocp.args.Composite(
+        **{_TOPOLOGY: ocp.args.JsonRestore()}))[_TOPOLOGY])
+    if saved_topology != self._topology:
+      return f"Checkpoint {step} was written by {saved_topology}, this run is {self._topology}"
+    return None
 
   def _check_fits(self, step: int, abstract_state: Any) -> None:
     """Compares array names and shapes with the checkpoint's metadata before reading any array."""
@@ -220,6 +228,19 @@ def _os_error_in(error: BaseException) -> OSError | None:
       return error
     error, seen = error.__cause__ or error.__context__, seen + 1
   return None
+
+
+def save_imported_state(directory: epath.PathLike, state: Any) -> None:
+  """Writes `state` as checkpoint 0 with no data iterator: weights imported from elsewhere, before any training.
+
+  Inference reads it like any checkpoint; training resumes from it at step 0 with a fresh data iterator.
+  """
+  manager = ocp.CheckpointManager(workdir.absolute(directory), item_names=(_STATE, _DATA, _TOPOLOGY),
+                                  item_handlers=_item_handlers())
+  try:
+    manager.save(0, args=ocp.args.Composite(**{_STATE: ocp.args.StandardSave(state)}))
+  finally:
+    manager.close()
 
 
 def remove_partial_saves(directory: epath.Path) -> None:

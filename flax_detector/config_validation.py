@@ -1,14 +1,19 @@
 """Checks a training config once, at start-up, so a bad setting fails before any work is done."""
 
+from etils import epath
 import jax.numpy as jnp
 import ml_collections
 
+from flax_detector import workdir
 from flax_detector.data.folder import BAD_FILE_POLICIES
 from flax_detector.preprocess import CROP_POLICIES, PREPROCESS_MODES
 from flax_detector.sharding import SHARDING_STRATEGIES
 
 # Five 2x2 max pools: a smaller crop would pool below one pixel.
 MIN_IMAGE_SIZE = 32
+# config.freeze: "features" trains only the classifier (see finetune).
+FREEZE_OPTIONS = ("none", "features")
+_PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
 
 def normalize_class_names(value) -> tuple[str, ...]:
@@ -17,6 +22,24 @@ def normalize_class_names(value) -> tuple[str, ...]:
   if len(names) == 1 and "," in names[0]:
     names = names[0].split(",")
   return tuple(name.strip() for name in names)
+
+
+def _init_from_problem(path: str) -> str | None:
+  """Why config.init_from cannot be used, or None (the weights themselves are read when training starts)."""
+  if not path:
+    return None
+  location = epath.Path(path)
+  if location.is_dir():
+    if (location / workdir.CONFIG).exists() and (location / workdir.CHECKPOINTS).exists():
+      return None
+    return (f"init_from={path}: a folder without {workdir.CONFIG} and {workdir.CHECKPOINTS}/; give a "
+            f"flax_detector workdir or a .safetensors file")
+  if not location.exists():
+    return f"init_from={path}: no such file or folder; give a .safetensors state dict or a flax_detector workdir"
+  if location.suffix in _PICKLE_SUFFIXES:
+    return (f"init_from={path}: a PyTorch pickle; convert it first: python -c \"import torch, safetensors.torch as "
+            f"st; st.save_file(torch.load('{path}', map_location='cpu'), 'weights.safetensors')\"")
+  return None
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -57,10 +80,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
       (config.sharding in SHARDING_STRATEGIES, f"sharding={config.sharding!r}: use one of {SHARDING_STRATEGIES}"),
       (config.model.width_multiplier > 0, f"model.width_multiplier={config.model.width_multiplier}: must be positive"),
       (0.0 <= config.model.dropout_rate < 1.0, f"model.dropout_rate={config.model.dropout_rate}: must be in [0, 1)"),
+      (config.freeze in FREEZE_OPTIONS, f"freeze={config.freeze!r}: use one of {FREEZE_OPTIONS}"),
   ]
   for ok, message in checks:
     if not ok:
       raise ValueError(message)
+  init_from = _init_from_problem(config.init_from)
+  if init_from:
+    raise ValueError(init_from)
   try:
     dtype = jnp.dtype(config.model.dtype)
   except TypeError as error:

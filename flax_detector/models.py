@@ -65,6 +65,10 @@ class VGG16(nn.Module):
   dropout_rate: float = 0.5
   dtype: Any = jnp.float32
   stages: Sequence[Sequence[int]] = VGG16_STAGES
+  # Fine-tuning with config.freeze="features": the convolutional part is a fixed function of the image
+  # (BatchNorm on its running statistics, no gradient) and only the classifier learns. Parameters and
+  # numerics are unchanged when False.
+  frozen_features: bool = False
 
   @nn.compact
   def __call__(self, images: jnp.ndarray, *, train: bool) -> jnp.ndarray:
@@ -76,13 +80,16 @@ class VGG16(nn.Module):
         if self.batch_norm:
           # torch momentum 0.1 is Flax momentum 0.9. Under jit over a sharded batch the statistics
           # are computed over the global batch.
-          x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype)(x)
+          x = nn.BatchNorm(use_running_average=not train or self.frozen_features, momentum=0.9, epsilon=1e-5,
+                           dtype=self.dtype)(x)
         x = nn.relu(x)
       if index == len(self.stages) - 1:
         self.sow("intermediates", LAST_CONV_FEATURES, x)
         x = self.perturb(LAST_CONV_FEATURES, x)
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = adaptive_avg_pool(x, POOLED_SIDE)
+    if self.frozen_features:
+      x = jax.lax.stop_gradient(x)
     x = x.reshape((x.shape[0], -1))
     hidden = scaled_width(CLASSIFIER_WIDTH, self.width_multiplier)
     for _ in range(2):
@@ -93,11 +100,11 @@ class VGG16(nn.Module):
     return logits.astype(jnp.float32)
 
 
-def create_model(model_config: Any, num_classes: int) -> VGG16:
+def create_model(model_config: Any, num_classes: int, *, frozen_features: bool = False) -> VGG16:
   """Builds the VGG16 a config's `model` block describes."""
   return VGG16(num_classes=num_classes, batch_norm=model_config.batch_norm,
                width_multiplier=model_config.width_multiplier, dropout_rate=model_config.dropout_rate,
-               dtype=jnp.dtype(model_config.dtype))
+               dtype=jnp.dtype(model_config.dtype), frozen_features=frozen_features)
 
 
 def init_variables(model: nn.Module, image_size: int, key: jax.Array) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import optax
 
 from flax_detector import audit, config_validation, input_pipeline, losses, memory_guard, metrics, report, report_figures
 from flax_detector import sharding
-from flax_detector import errors
+from flax_detector import errors, finetune
 from flax_detector import workdir as workdir_module
 from flax_detector.checkpoint import Checkpointer, Topology, abstract_with_shardings
 from flax_detector.data.folder import skipped_lines
@@ -52,21 +52,25 @@ def _decay_mask(params: Any) -> Any:
 
 
 def create_optimizer(config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
+  """AdamW, clipped by global norm; with config.freeze, over the trained parameters only (norm included)."""
   adamw = optax.adamw(learning_rate_fn, weight_decay=config.weight_decay, mask=_decay_mask)
   if config.grad_clip_norm > 0:
-    return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw)
-  return adamw
+    adamw = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw)
+  return finetune.apply_freeze(adamw, config.freeze)
 
 
-def create_train_state(config: ml_collections.ConfigDict, model: nn.Module,
-                       optimizer: optax.GradientTransformation) -> TrainState:
+def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, optimizer: optax.GradientTransformation,
+                       variables: dict[str, Any] | None = None) -> TrainState:
   """Initialises the model from config.seed; pure, so it can run under jax.eval_shape or jit.
 
   `model` and `optimizer` are built once by the caller: they are static parts of the state's
-  pytree structure, which the shardings computed from an abstract state must match.
+  pytree structure, which the shardings computed from an abstract state must match. `variables`
+  ({"params", "batch_stats"}, e.g. imported weights) replace the initialisation; the optimizer
+  state and dropout key are the same as a fresh run's.
   """
   init_key, dropout_key = jax.random.split(jax.random.PRNGKey(config.seed))
-  variables = init_variables(model, config.image_size, init_key)
+  if variables is None:
+    variables = init_variables(model, config.image_size, init_key)
   return TrainState.create(apply_fn=model.apply, params=variables["params"], batch_stats=variables["batch_stats"],
                            dropout_key=dropout_key, tx=optimizer)
 
@@ -221,7 +225,7 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: epath.Path | No
   steps_per_epoch = total_steps / epochs
   last_step = min(total_steps, config.num_train_steps) if config.num_train_steps > 0 else total_steps
   learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch, total_steps)
-  model = create_model(config.model, len(config.data.class_names))
+  model = create_model(config.model, len(config.data.class_names), frozen_features=config.freeze == "features")
   init_state = functools.partial(create_train_state, config, model, create_optimizer(config, learning_rate_fn))
   abstract_state = jax.eval_shape(init_state)
   state_shardings = sharding.state_shardings(abstract_state, mesh, config.sharding)
@@ -253,9 +257,12 @@ def _restore_or_initialize(experiment: Experiment,
 
   restored = checkpointer.restore_latest(
       abstract_with_shardings(experiment.abstract_state, experiment.state_shardings), make_train_iterator)
-  if restored is None:
-    return jax.jit(experiment.init_state, out_shardings=experiment.state_shardings)(), make_train_iterator(0)
-  return restored
+  if restored is not None:
+    return restored
+  state = jax.jit(experiment.init_state, out_shardings=experiment.state_shardings)()
+  if config.init_from:
+    state = finetune.start_from_init_from(state, config)
+  return state, make_train_iterator(0)
 
 
 def _log_start(experiment: Experiment, state: TrainState, workdir: epath.Path,
