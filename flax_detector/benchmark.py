@@ -84,8 +84,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   distributed.initialize(None, None, None)
-  config = FLAGS.config
-  config_validation.validate(config)
+  config = config_validation.validate(FLAGS.config)
   results: dict[str, Any] = {"platform": jax.devices()[0].platform, "batch_size": config.batch_size,
                              "image_size": config.image_size}
   if FLAGS.part in ("all", "input"):

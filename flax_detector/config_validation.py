@@ -1,13 +1,15 @@
 """Checks a training config once, at start-up, so a bad setting fails before any work is done."""
 
+from collections.abc import Sequence
+
 from etils import epath
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
-from flax_detector import workdir
+from flax_detector import sharding, workdir
 from flax_detector.data.folder import BAD_FILE_POLICIES
 from flax_detector.preprocess import CROP_POLICIES, PREPROCESS_MODES
-from flax_detector.sharding import SHARDING_STRATEGIES
 
 # Five 2x2 max pools: a smaller crop would pool below one pixel.
 MIN_IMAGE_SIZE = 32
@@ -42,8 +44,52 @@ def _init_from_problem(path: str) -> str | None:
   return None
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the first field that cannot work; normalizes data.class_names in place."""
+def parse_class_weights(setting: str | Sequence[float], num_classes: int) -> str | tuple[float, ...]:
+  """config.class_weights as "balanced", "none" or `num_classes` explicit weights (from "w0,w1" or a sequence)."""
+  if isinstance(setting, str) and setting.strip().lower() in ("balanced", "none"):
+    return setting.strip().lower()
+  try:
+    values = tuple(float(v) for v in (setting.split(",") if isinstance(setting, str) else setting))
+  except ValueError as error:
+    raise ValueError(f"class_weights={setting!r}: use 'balanced', 'none' or {num_classes} numbers like "
+                     f"'1.0,2.0'") from error
+  if len(values) != num_classes or any(not np.isfinite(v) or v < 0 for v in values) or sum(values) == 0:
+    raise ValueError(f"class_weights={setting!r}: need {num_classes} finite non-negative weights, not all zero")
+  return values
+
+
+def _source_checks(config: ml_collections.ConfigDict) -> list[tuple[bool, str]]:
+  """Where the images come from and how they are loaded."""
+  data = config.data
+  return [
+      (0.0 <= data.val_fraction < 1.0, f"data.val_fraction={data.val_fraction}: must be in [0, 1)"),
+      (bool(data.dir) or len(data.class_names) == 2,
+       f"data.class_names={data.class_names}: the synthetic set (data.dir='') has exactly 2 classes"),
+      (bool(data.dir) or MIN_IMAGE_SIZE <= data.synthetic_min_side <= data.synthetic_max_side,
+       f"data.synthetic_min_side={data.synthetic_min_side}, data.synthetic_max_side={data.synthetic_max_side}: "
+       f"need {MIN_IMAGE_SIZE} <= min <= max"),
+      (data.worker_buffer_size >= 1, f"data.worker_buffer_size={data.worker_buffer_size}: must be >= 1"),
+  ]
+
+
+def _check_dtype(name: str) -> None:
+  """model.dtype must name a floating-point dtype that jnp knows."""
+  try:
+    dtype = jnp.dtype(name)
+  except TypeError as error:
+    raise ValueError(f"model.dtype={name!r}: use float32, bfloat16 or float16") from error
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f"model.dtype={name!r}: use float32, bfloat16 or float16")
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Returns a copy of `config` with data.class_names split (normalize_class_names), every field checked.
+
+  Raises ValueError naming the first field that cannot work; `config` itself is left as it is. The
+  batch sizes are checked against the mesh of every device (sharding.create_mesh): call it after
+  jax.distributed is initialised, as training does.
+  """
+  config = ml_collections.ConfigDict(config.to_dict())
   config.data.class_names = normalize_class_names(config.data.class_names)
   names = config.data.class_names
   checks = [
@@ -51,8 +97,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
        f"data.class_names={names}: need at least 2 distinct, non-empty names"),
       (config.data.positive_class in names,
        f"data.positive_class={config.data.positive_class!r} is not one of data.class_names={names}"),
-      (config.data.preprocess in PREPROCESS_MODES, f"data.preprocess={config.data.preprocess!r}: use one of {PREPROCESS_MODES}"),
-      (config.data.crop_policy in CROP_POLICIES, f"data.crop_policy={config.data.crop_policy!r}: use one of {CROP_POLICIES}"),
+      (config.data.preprocess in PREPROCESS_MODES,
+       f"data.preprocess={config.data.preprocess!r}: use one of {PREPROCESS_MODES}"),
+      (config.data.crop_policy in CROP_POLICIES,
+       f"data.crop_policy={config.data.crop_policy!r}: use one of {CROP_POLICIES}"),
       (0.0 <= config.data.shared_crop_quantile < 1.0,
        f"data.shared_crop_quantile={config.data.shared_crop_quantile}: must be in [0, 1)"),
       (config.data.on_bad_file in BAD_FILE_POLICIES,
@@ -77,20 +125,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
       (config.warmup_epochs >= 0, f"warmup_epochs={config.warmup_epochs}: must be >= 0"),
       (config.log_every_steps >= 1, f"log_every_steps={config.log_every_steps}: must be >= 1"),
       (config.max_checkpoints_to_keep >= 1, f"max_checkpoints_to_keep={config.max_checkpoints_to_keep}: must be >= 1"),
-      (config.sharding in SHARDING_STRATEGIES, f"sharding={config.sharding!r}: use one of {SHARDING_STRATEGIES}"),
+      (config.sharding in sharding.SHARDING_STRATEGIES,
+       f"sharding={config.sharding!r}: use one of {sharding.SHARDING_STRATEGIES}"),
       (config.model.width_multiplier > 0, f"model.width_multiplier={config.model.width_multiplier}: must be positive"),
       (0.0 <= config.model.dropout_rate < 1.0, f"model.dropout_rate={config.model.dropout_rate}: must be in [0, 1)"),
       (config.freeze in FREEZE_OPTIONS, f"freeze={config.freeze!r}: use one of {FREEZE_OPTIONS}"),
   ]
-  for ok, message in checks:
+  for ok, message in checks + _source_checks(config):
     if not ok:
       raise ValueError(message)
+  parse_class_weights(config.class_weights, len(names))
+  mesh = sharding.create_mesh()
+  for name in ("batch_size", "eval_batch_size"):
+    sharding.check_divisible(config[name], name, mesh)
   init_from = _init_from_problem(config.init_from)
   if init_from:
     raise ValueError(init_from)
-  try:
-    dtype = jnp.dtype(config.model.dtype)
-  except TypeError as error:
-    raise ValueError(f"model.dtype={config.model.dtype!r}: use float32, bfloat16 or float16") from error
-  if not jnp.issubdtype(dtype, jnp.floating):
-    raise ValueError(f"model.dtype={config.model.dtype!r}: use float32, bfloat16 or float16")
+  _check_dtype(config.model.dtype)
+  return config

@@ -67,8 +67,6 @@ def load_split(config: ml_collections.ConfigDict, split: str, workdir: epath.Pat
     return array_record.ArrayRecordImageSource(data.dir, split, data.class_names)
   if data.dir:
     return ImageFolderSource(data.dir, split, data.class_names, index_options(data, workdir, process_index))
-  if len(data.class_names) != 2:
-    raise ValueError(f"data.class_names={data.class_names}: the synthetic set has exactly 2 classes")
   size = data.synthetic_train_size if split == "train" else data.synthetic_test_size
   return SyntheticSource(split, size, data.synthetic_min_side, data.synthetic_max_side)
 
@@ -116,12 +114,6 @@ def num_train_steps(num_records: int, config: ml_collections.ConfigDict) -> int:
     raise ValueError(f"batch_size={config.batch_size} exceeds the {epochs} epoch(s) of "
                      f"{num_records} training images: lower batch_size or raise num_epochs")
   return steps
-
-
-def _local_batch_size(global_batch_size: int, process_count: int, setting: str) -> int:
-  if global_batch_size % process_count:
-    raise ValueError(f"{setting}={global_batch_size} must be divisible by the {process_count} processes")
-  return global_batch_size // process_count
 
 
 class _RecordAndEpoch(grain.transforms.MapWithIndex):
@@ -194,7 +186,7 @@ def train_dataset(source: ImageSource, config: ml_collections.ConfigDict, proces
                   process_count: int) -> grain.MapDataset:
   """This process's training batches, one element per step, for the whole run."""
   num_records = len(source)
-  local_batch = _local_batch_size(config.batch_size, process_count, "batch_size")
+  local_batch = config.batch_size // process_count  # config_validation: it divides by the devices
   steps = num_train_steps(num_records, config)
   positions = (grain.MapDataset.range(num_records).shuffle(seed=config.seed).repeat(num_epochs(num_records, config))
                .map_with_index(_RecordAndEpoch(num_records)).batch(local_batch, drop_remainder=True))
@@ -225,7 +217,7 @@ class EvalSettings:
 def eval_dataset(source: ImageSource, settings: EvalSettings, process_index: int,
                  process_count: int) -> grain.MapDataset:
   """This process's eval batches: the split in order, padded to whole global batches and masked."""
-  local_batch = _local_batch_size(settings.batch_size, process_count, "eval_batch_size")
+  local_batch = settings.batch_size // process_count
   steps = num_eval_steps(len(source), settings.batch_size)
   positions = grain.MapDataset.range(steps * settings.batch_size).batch(local_batch)
   return positions[process_index::process_count].map(

@@ -8,26 +8,19 @@ import optax
 
 
 def class_weights(setting: str | Sequence[float], counts: np.ndarray) -> np.ndarray:
-  """Per-class loss weights from `config.class_weights` and the training split's class counts.
+  """Per-class loss weights from `config_validation.parse_class_weights`'s form and the training class counts.
 
   "balanced" gives n / (k * count_c), so each class contributes equally to the loss however
-  imbalanced the folder is; "none" gives ones; explicit values come as "w0,w1" or a sequence.
+  imbalanced the folder is; "none" gives ones; a sequence gives those weights.
   """
-  num_classes = len(counts)
-  if isinstance(setting, str) and setting.strip().lower() == "balanced":
+  if setting == "balanced":
     if np.any(counts == 0):
-      raise ValueError(f"class_weights='balanced' needs every class in the training split; counts are {counts.tolist()}")
-    return (counts.sum() / (num_classes * counts)).astype(np.float32)
-  if isinstance(setting, str) and setting.strip().lower() == "none":
-    return np.ones(num_classes, np.float32)
-  try:
-    values = [float(v) for v in (setting.split(",") if isinstance(setting, str) else setting)]
-  except ValueError as error:
-    raise ValueError(f"class_weights={setting!r}: use 'balanced', 'none' or {num_classes} numbers like "
-                     f"'1.0,2.0'") from error
-  if len(values) != num_classes or any(not np.isfinite(v) or v < 0 for v in values) or sum(values) == 0:
-    raise ValueError(f"class_weights={setting!r}: need {num_classes} finite non-negative weights, not all zero")
-  return np.asarray(values, np.float32)
+      raise ValueError(f"class_weights='balanced' needs every class in the training split; counts are "
+                       f"{counts.tolist()}")
+    return (counts.sum() / (len(counts) * counts)).astype(np.float32)
+  if setting == "none":
+    return np.ones(len(counts), np.float32)
+  return np.asarray(setting, np.float32)
 
 
 def weighted_cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray, weights: jnp.ndarray,

@@ -71,11 +71,6 @@ def random_crop(image: np.ndarray, size: int, rng: np.random.Generator) -> np.nd
   return crop(image, int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1)), size)
 
 
-def center_crop(image: np.ndarray, size: int) -> np.ndarray:
-  height, width = image.shape[:2]
-  return crop(image, (height - size) // 2, (width - size) // 2, size)
-
-
 def jpeg_recompress(image: np.ndarray, quality: int) -> np.ndarray:
   buffer = io.BytesIO()
   Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
@@ -86,11 +81,10 @@ def gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
   return np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(radius=sigma)))
 
 
-def _fit(image: np.ndarray, size: int, mode: str) -> np.ndarray:
+def _resize_or_pad(image: np.ndarray, size: int, mode: str) -> np.ndarray:
+  """An image both of whose sides are >= size: scaled first under "resize", zero-padded where still short."""
   if mode == "resize":
     image = resize_shorter_side(image, size)
-  elif mode != "crop":
-    raise ValueError(f"data.preprocess={mode!r}: use one of {PREPROCESS_MODES}")
   return pad_to_at_least(image, size)
 
 
@@ -100,7 +94,7 @@ def train_transform(image: np.ndarray, size: int, mode: str, options: AugmentOpt
 
   Every random draw is made, used or not, so one choice never shifts the others' random streams.
   """
-  image = random_crop(_fit(image, size, mode), size, rng)
+  image = random_crop(_resize_or_pad(image, size, mode), size, rng)
   flip, blur, jpeg = rng.random(3)
   sigma = rng.uniform(*options.blur_sigma_range)
   quality = int(rng.integers(options.jpeg_quality_range[0], options.jpeg_quality_range[1] + 1))
@@ -126,7 +120,7 @@ def eval_transform(image: np.ndarray, size: int, mode: str, grid: int = 1) -> np
   A grid x grid set of crops spread evenly over the image (grid 1: the centre crop), so a
   detector that sees native pixels through a small window still looks at the whole picture.
   """
-  image = _fit(image, size, mode)
+  image = _resize_or_pad(image, size, mode)
   height, width = image.shape[:2]
   return np.stack([crop(image, top, left, size) for top in grid_offsets(height, size, grid)
                    for left in grid_offsets(width, size, grid)])

@@ -41,18 +41,16 @@ def fsdp_spec(shape: tuple[int, ...], num_shards: int) -> P:
 
 
 def state_shardings(abstract_state: Any, mesh: Mesh, strategy: str) -> Any:
-  """The sharding of every leaf of the train state under `config.sharding`.
+  """The sharding of every leaf of the train state under `config.sharding` (one of SHARDING_STRATEGIES).
 
   "dp" replicates parameters and optimizer state on every device. "fsdp" splits each large
   parameter and its optimizer moments over the data axis (ZeRO-3 style); XLA gathers a layer's
   weights when the step needs them. Both compute the same function of the same global batch.
   """
-  if strategy == "dp":
-    return jax.tree.map(lambda _: replicated(mesh), abstract_state)
   if strategy == "fsdp":
     return jax.tree.map(lambda leaf: NamedSharding(mesh, fsdp_spec(leaf.shape, mesh.shape[DATA_AXIS])),
                         abstract_state)
-  raise ValueError(f"sharding={strategy!r}: use one of {SHARDING_STRATEGIES}")
+  return jax.tree.map(lambda _: replicated(mesh), abstract_state)
 
 
 def bytes_per_device(abstract_tree: Any, shardings: Any) -> int:

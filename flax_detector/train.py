@@ -208,13 +208,14 @@ def _with_crop_size(config: ml_collections.ConfigDict, splits: input_pipeline.Sp
 
 
 def build_experiment(config: ml_collections.ConfigDict, workdir: epath.Path | None = None) -> Experiment:
+  """Everything before the first step, from a config that config_validation.validate returned."""
   mesh = sharding.create_mesh()
-  sharding.check_divisible(config.batch_size, "batch_size", mesh)
-  sharding.check_divisible(config.eval_batch_size, "eval_batch_size", mesh)
   splits = input_pipeline.load_splits(config, workdir, jax.process_index())
   config = _with_crop_size(config, splits)
-  counts = class_counts(splits.train, len(config.data.class_names))
-  class_weights = losses.class_weights(config.class_weights, counts)
+  num_classes = len(config.data.class_names)
+  counts = class_counts(splits.train, num_classes)
+  class_weights = losses.class_weights(config_validation.parse_class_weights(config.class_weights, num_classes),
+                                       counts)
   logging.info("Class weights %s from training counts %s", class_weights.tolist(), counts.tolist())
 
   total_steps = input_pipeline.num_train_steps(len(splits.train), config)
@@ -416,7 +417,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   when a preemption stopped training after saving a checkpoint.
   """
   with errors.as_user_errors():  # before training, a ValueError or OSError names a setting, file or folder
-    config_validation.validate(config)
+    config = config_validation.validate(config)
     workdir_path = epath.Path(workdir)
     workdir_path.mkdir(parents=True, exist_ok=True)
     experiment = build_experiment(config, workdir_path)

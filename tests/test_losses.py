@@ -8,14 +8,7 @@ from flax_detector import losses
 def test_balanced_weights_are_n_over_k_count():
   np.testing.assert_allclose(losses.class_weights("balanced", np.array([200, 100])), [300 / 400, 300 / 200])
   np.testing.assert_allclose(losses.class_weights("none", np.array([200, 100])), [1, 1])
-  np.testing.assert_allclose(losses.class_weights("1,3.5", np.array([200, 100])), [1, 3.5])
-  np.testing.assert_allclose(losses.class_weights((2.0, 1.0), np.array([200, 100])), [2, 1])
-
-
-@pytest.mark.parametrize("setting", ["1,2,3", "heavy", "-1,1", "0,0"])
-def test_bad_weights_are_rejected(setting):
-  with pytest.raises(ValueError, match="class_weights"):
-    losses.class_weights(setting, np.array([10, 10]))
+  np.testing.assert_allclose(losses.class_weights((1.0, 3.5), np.array([200, 100])), [1, 3.5])
 
 
 def test_balanced_needs_every_class():

@@ -41,11 +41,6 @@ def test_fsdp_splits_the_largest_evenly_divisible_dimension():
   assert sharding.fsdp_spec((3, 3, 3, 20001), 8) == jax.sharding.PartitionSpec()  # nothing divides
 
 
-def test_unknown_strategy_is_named():
-  with pytest.raises(ValueError, match="sharding='zero'"):
-    sharding.state_shardings({}, sharding.create_mesh(), "zero")
-
-
 def test_fsdp_trains_like_dp(trained_workdir, make_config, tmp_path):
   fsdp = train.train_and_evaluate(make_config(sharding="fsdp"), str(tmp_path))
   np.testing.assert_allclose(series(tmp_path, "train_loss"), series(trained_workdir, "train_loss"), rtol=0, atol=1e-3)

@@ -58,10 +58,8 @@ def split_off_validation(source: ImageSource, fraction: float) -> tuple[SubsetSo
   """Carves (train, validation) out of `source` by a hash of each key.
 
   Hashing the key, not shuffling, keeps a file in the same split when files are added or removed,
-  so validation never leaks into training across runs on a growing folder.
+  so validation never leaks into training across runs on a growing folder. `fraction` is in [0, 1).
   """
-  if not 0.0 <= fraction < 1.0:
-    raise ValueError(f"data.val_fraction={fraction}: must be in [0, 1)")
   in_validation = np.array([_stable_fraction(key) < fraction for key in source.keys], dtype=bool)
   indices = np.arange(len(source))
   return SubsetSource(source, indices[~in_validation]), SubsetSource(source, indices[in_validation])

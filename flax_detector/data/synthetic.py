@@ -85,14 +85,13 @@ def _draw(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
 
 
 class SyntheticSource:
-  """`size` synthetic records of a split; label = index % 2 (0 human-art, 1 ai-generated)."""
+  """`size` synthetic records of a split ("train" or "test"); label = index % 2 (0 human-art, 1 ai-generated).
+
+  Image sides are even numbers in [min_side, max_side] (config_validation checks the range).
+  """
 
   def __init__(self, split: str, size: int, min_side: int, max_side: int,
                fingerprint_strength: float = FINGERPRINT_STRENGTH):
-    if split not in _SPLIT_SEEDS:
-      raise ValueError(f"synthetic split {split!r}: use one of {sorted(_SPLIT_SEEDS)}")
-    if not 32 <= min_side <= max_side:
-      raise ValueError(f"data.synthetic_min_side={min_side}, data.synthetic_max_side={max_side}: need 32 <= min <= max")
     self._split_seed = _SPLIT_SEEDS[split]
     self._min_side, self._max_side = min_side, max_side
     self._kernels = (generator_kernel(0.0), generator_kernel(fingerprint_strength))
