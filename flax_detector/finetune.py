@@ -16,17 +16,17 @@ features are then the same fixed function of the image in training and in infere
 statistics would make them depend on the batch and drift from what the classifier is evaluated on.
 """
 
-from collections.abc import Callable
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
-from absl import logging
-from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
+from etils import epath
 
 from flax_detector import torchvision_weights, workdir
 from flax_detector.checkpoint import restore_model_variables

@@ -16,16 +16,24 @@ weights, train with `--config.init_from=FILE` instead, which re-initialises that
 import os
 import sys
 
-from absl import app, flags, logging
-from etils import epath
 import jax
 import ml_collections
-from ml_collections import config_flags
 import optax
+from absl import app, flags, logging
+from etils import epath
+from ml_collections import config_flags
 
-from flax_detector import checkpoint, config_validation, errors, finetune, run_lock, train
+from flax_detector import (
+  checkpoint,
+  config_validation,
+  errors,
+  finetune,
+  run_lock,
+  train,
+)
 from flax_detector import workdir as workdir_layout
 from flax_detector.models import create_model, init_variables
+
 
 def _imported_state(config: ml_collections.ConfigDict, pretrained: finetune.Pretrained) -> train.TrainState:
   """The train state training would start from, with every parameter and statistic from `pretrained`."""

@@ -7,13 +7,13 @@ the pooled activations flattened as (7, 7, 512). Only numpy and the `safetensors
 converting weights never requires PyTorch.
 """
 
-from collections.abc import Iterator
 import dataclasses
+from collections.abc import Iterator
 
-from etils import epath
 import numpy as np
 import safetensors
 import safetensors.numpy
+from etils import epath
 
 from flax_detector import errors, workdir
 from flax_detector.models import POOLED_SIDE, VGG16_STAGES
@@ -72,7 +72,7 @@ def vgg16_tensors(batch_norm: bool) -> list[Tensor]:
 
 
 def read_state_dict(path: epath.PathLike) -> dict[str, np.ndarray]:
-  """The tensors of a .safetensors file by name, num_batches_tracked left out."""
+  """The tensors of a .safetensors file by name."""
   try:
     if workdir.is_url(path):
       tensors = safetensors.numpy.load(epath.Path(path).read_bytes())
@@ -81,7 +81,7 @@ def read_state_dict(path: epath.PathLike) -> dict[str, np.ndarray]:
   except (OSError, safetensors.SafetensorError) as error:
     raise WeightsFileError(f"{path}: cannot be read as safetensors ({error}). Save the state dict with "
                            f"safetensors.torch.save_file(model.state_dict(), PATH).") from error
-  return {name: value for name, value in tensors.items() if not name.endswith(IGNORED_SUFFIX)}
+  return tensors
 
 
 def has_batch_norm(state_dict: dict[str, np.ndarray]) -> bool:
@@ -124,7 +124,8 @@ def _flax_leaf(tensor: Tensor, value: np.ndarray, source: str) -> np.ndarray:
 
 def _check_names(state_dict: dict[str, np.ndarray], tensors: list[Tensor], source: str) -> None:
   expected = {tensor.torch_name for tensor in tensors}
-  missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+  names = {name for name in state_dict if not name.endswith(IGNORED_SUFFIX)}
+  missing, unexpected = sorted(expected - names), sorted(names - expected)
   if missing or unexpected:
     variant = "vgg16_bn" if has_batch_norm(state_dict) else "vgg16"
     raise WeightsFileError(
@@ -134,7 +135,10 @@ def _check_names(state_dict: dict[str, np.ndarray], tensors: list[Tensor], sourc
 
 
 def to_flax_variables(state_dict: dict[str, np.ndarray], source: str) -> dict[str, dict[str, dict[str, np.ndarray]]]:
-  """{"params": ..., "batch_stats": ...} with this model's names and layouts; BatchNorm or not from the names."""
+  """{"params": ..., "batch_stats": ...} with this model's names and layouts; BatchNorm or not from the names.
+
+  num_batches_tracked is ignored.
+  """
   tensors = vgg16_tensors(has_batch_norm(state_dict))
   _check_names(state_dict, tensors, source)
   variables: dict[str, dict[str, dict[str, np.ndarray]]] = {"params": {}, "batch_stats": {}}

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import numpy as np
-from PIL import Image
 import pytest
+from PIL import Image
 
 from flax_detector import errors, import_weights, inference, predict
 from flax_detector.torchvision_weights import WeightsFileError
@@ -33,8 +33,8 @@ def imported(tmp_path_factory):
                                 _config())
   plain = torchvision_layout.random_state_dict(False, WIDTH, 2, seed=2)
   command = [sys.executable, "-m", "flax_detector.import_weights", f"--source={folder / 'plain.safetensors'}",
-             f"--workdir={folder / 'plain'}", "--config=configs/vgg16.py:cpu", f"--config.model.width_multiplier={WIDTH}",
-             f"--config.image_size={IMAGE_SIZE}", "--config.data.eval_grid=1"]
+             f"--workdir={folder / 'plain'}", "--config=configs/vgg16.py:cpu",
+             f"--config.model.width_multiplier={WIDTH}", f"--config.image_size={IMAGE_SIZE}", "--config.data.eval_grid=1"]
   torchvision_layout.save(plain, folder / "plain.safetensors")
   done = subprocess.run(command, capture_output=True, text=True, check=False,
                         cwd=os.path.dirname(os.path.dirname(__file__)))

@@ -35,8 +35,9 @@ def random_state_dict(batch_norm: bool, width_multiplier: float, num_classes: in
       state[f"features.{index + 1}.running_var"] = rng.uniform(0.5, 2.0, width)
     index, inputs = index + (3 if batch_norm else 2), width
   hidden = scaled_width(CLASSIFIER_WIDTH, width_multiplier)
-  for index, (outputs, inputs) in zip((0, 3, 6), ((hidden, inputs * 49), (hidden, hidden), (num_classes, hidden))):
-    state[f"classifier.{index}.weight"] = rng.normal(0, np.sqrt(1 / inputs), (outputs, inputs))
+  linear_shapes = ((hidden, inputs * 49), (hidden, hidden), (num_classes, hidden))  # (out, in)
+  for index, (outputs, fan_in) in zip((0, 3, 6), linear_shapes):
+    state[f"classifier.{index}.weight"] = rng.normal(0, np.sqrt(1 / fan_in), (outputs, fan_in))
     state[f"classifier.{index}.bias"] = rng.normal(0, 0.1, outputs)
   state = {name: value.astype(np.float32) for name, value in state.items()}
   if batch_norm:  # torch saves this counter with every BatchNorm; the importer ignores it
