@@ -59,7 +59,7 @@ def import_weights(source: str, workdir: str, config: ml_collections.ConfigDict)
   config.model.batch_norm = pretrained.batch_norm
   config.init_from = source  # where the weights came from, for whoever reads config.json
   with errors.as_user_errors():
-    config_validation.validate(config)
+    config = config_validation.validate(config)
   workdir_path = workdir_layout.absolute(workdir)
   _check_empty(workdir_path)
   state = _imported_state(config, pretrained)
