@@ -31,8 +31,9 @@ flags.mark_flag_as_required("config")
 
 def benchmark_input(config: ml_collections.ConfigDict, steps: int, warmup: int) -> dict[str, float]:
   """Process-local images/s of the training pipeline, with the configured number of Grain workers."""
-  splits = input_pipeline.load_splits(config)
-  dataset = input_pipeline.train_dataset(splits.train, config, jax.process_index(), jax.process_count())
+  splits = input_pipeline.load_splits(input_pipeline.SourceSettings.from_config(config))
+  dataset = input_pipeline.train_dataset(splits.train, input_pipeline.TrainSettings.from_config(config),
+                                         jax.process_index(), jax.process_count())
   if len(dataset) < steps + warmup:
     raise ValueError(f"--steps={steps} + --warmup={warmup} exceed the {len(dataset)} training batches of this config")
   with contextlib.closing(input_pipeline.make_iterator(dataset, config.data.worker_count,

@@ -53,7 +53,7 @@ def load_evaluation_set(detector: inference.Detector, workdir: epath.Path, data_
     options = IndexOptions(max_image_pixels=config.data.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS))
     source = ImageFolderSource(os.path.dirname(folder), os.path.basename(folder), config.data.class_names, options)
     return EvaluationSet(source, source.infos, printable(folder))
-  test = input_pipeline.load_split(config, "test", workdir)
+  test = input_pipeline.load_split(input_pipeline.SourceSettings.from_config(config), "test", workdir)
   infos = test.infos if isinstance(test, ImageFolderSource) else None
   return EvaluationSet(test, infos, f"the run's test split ({config.data.dir or 'built-in synthetic set'})")
 

@@ -51,69 +51,93 @@ class Splits:
     return [info for folder in self.folders.values() for info in folder.skipped]
 
 
-def index_options(data: ml_collections.ConfigDict, workdir: epath.Path | None, process_index: int) -> IndexOptions:
-  """How to check the folder; the probe cache lives in the run's workdir, written by process 0 only."""
-  return IndexOptions(max_image_pixels=data.max_image_pixels, on_bad_file=data.on_bad_file,
-                      cache_path=None if workdir is None else workdir / workdir_layout.FILE_INDEX_CACHE,
-                      update_cache=process_index == 0)
+@dataclasses.dataclass(frozen=True)
+class SourceSettings:
+  """Where a run's images come from: the data.* fields that decide the three splits."""
+
+  dir: str  # "" for the built-in synthetic set
+  class_names: tuple[str, ...]
+  val_fraction: float
+  max_image_pixels: int
+  on_bad_file: str
+  synthetic_sizes: tuple[int, int]  # records in the synthetic train and test splits
+  synthetic_sides: tuple[int, int]  # smallest and largest synthetic image side
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> "SourceSettings":
+    data = config.data
+    return cls(data.dir, tuple(data.class_names), data.val_fraction, data.max_image_pixels, data.on_bad_file,
+               (data.synthetic_train_size, data.synthetic_test_size),
+               (data.synthetic_min_side, data.synthetic_max_side))
+
+  def index_options(self, workdir: epath.Path | None, process_index: int) -> IndexOptions:
+    """How to check the folder; the probe cache lives in the run's workdir, written by process 0 only."""
+    return IndexOptions(max_image_pixels=self.max_image_pixels, on_bad_file=self.on_bad_file,
+                        cache_path=None if workdir is None else workdir / workdir_layout.FILE_INDEX_CACHE,
+                        update_cache=process_index == 0)
 
 
-def load_split(config: ml_collections.ConfigDict, split: str, workdir: epath.Path | None = None,
+def load_split(settings: SourceSettings, split: str, workdir: epath.Path | None = None,
                process_index: int = 0) -> ImageSource:
   """One split ("train" or "test") of data.dir: a prepared copy, an image folder, or the synthetic set."""
-  data = config.data
-  if data.dir and array_record.is_prepared(data.dir):
+  if settings.dir and array_record.is_prepared(settings.dir):
     # A folder written by flax_detector.prepare holds the same records, keys and order as the image folder.
-    return array_record.ArrayRecordImageSource(data.dir, split, data.class_names)
-  if data.dir:
-    return ImageFolderSource(data.dir, split, data.class_names, index_options(data, workdir, process_index))
-  size = data.synthetic_train_size if split == "train" else data.synthetic_test_size
-  return SyntheticSource(split, size, data.synthetic_min_side, data.synthetic_max_side)
+    return array_record.ArrayRecordImageSource(settings.dir, split, settings.class_names)
+  if settings.dir:
+    return ImageFolderSource(settings.dir, split, settings.class_names, settings.index_options(workdir, process_index))
+  size = settings.synthetic_sizes[0] if split == "train" else settings.synthetic_sizes[1]
+  return SyntheticSource(split, size, *settings.synthetic_sides)
 
 
-def load_splits(config: ml_collections.ConfigDict, workdir: epath.Path | None = None,
-                process_index: int = 0) -> Splits:
+def load_splits(settings: SourceSettings, workdir: epath.Path | None = None, process_index: int = 0) -> Splits:
   """Indexes data.dir (or builds the synthetic set) and carves the validation split from train/."""
-  data = config.data
-  full_train, test = (load_split(config, split, workdir, process_index) for split in ("train", "test"))
+  full_train, test = (load_split(settings, split, workdir, process_index) for split in ("train", "test"))
   folders = {split: source for split, source in (("train", full_train), ("test", test))
              if isinstance(source, ImageFolderSource)}
-  train, validation = split_off_validation(full_train, data.val_fraction)
-  num_classes = len(data.class_names)
+  train, validation = split_off_validation(full_train, settings.val_fraction)
   for name, split in (("train", train), ("validation", validation), ("test", test)):
-    counts = class_counts(split, num_classes)
+    counts = class_counts(split, len(settings.class_names))
     logging.info("%s split: %d images, %s", name, len(split),
-                 ", ".join(f"{cls}={count}" for cls, count in zip(data.class_names, counts)))
+                 ", ".join(f"{cls}={count}" for cls, count in zip(settings.class_names, counts)))
   return Splits(train=train, validation=validation, test=test, folders=folders)
 
 
-def crop_size(config: ml_collections.ConfigDict, train: ImageSource) -> int:
+def crop_size(train: ImageSource, image_size: int, preprocess_mode: str, crop_policy: str, quantile: float) -> int:
   """The crop side training and evaluation use: image_size, or less under data.crop_policy="shared"."""
-  data = config.data
-  if data.preprocess != "crop" or data.crop_policy != "shared":
-    return config.image_size
+  if preprocess_mode != "crop" or crop_policy != "shared":
+    return image_size
   if train.sizes is None:
-    logging.warning("data.crop_policy=shared: %s records no image sizes (prepared by an older version); using "
-                    "image_size=%d. Re-run flax_detector.prepare --overwrite to record them.", data.dir,
-                    config.image_size)
-    return config.image_size
-  return preprocess.shared_crop_size(train.sizes, config.image_size, data.shared_crop_quantile, MIN_IMAGE_SIZE)
+    logging.warning("data.crop_policy=shared: the prepared data.dir records no image sizes (prepared by an older "
+                    "version); using image_size=%d. Re-run flax_detector.prepare --overwrite to record them.",
+                    image_size)
+    return image_size
+  return preprocess.shared_crop_size(train.sizes, image_size, quantile, MIN_IMAGE_SIZE)
 
 
-def num_epochs(num_records: int, config: ml_collections.ConfigDict) -> int:
-  """Passes over the training split: num_epochs, or more when that many are needed to reach min_train_steps."""
-  needed = math.ceil(config.min_train_steps * config.batch_size / max(num_records, 1))
-  return max(config.num_epochs, needed)
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """How long training runs: the fields that turn a training split's size into epochs and steps."""
 
+  batch_size: int  # global
+  num_epochs: int
+  min_train_steps: int
 
-def num_train_steps(num_records: int, config: ml_collections.ConfigDict) -> int:
-  """Steps the schedule spans: whole global batches in num_epochs(...) passes over the training split."""
-  epochs = num_epochs(num_records, config)
-  steps = (epochs * num_records) // config.batch_size
-  if steps < 1:
-    raise ValueError(f"batch_size={config.batch_size} exceeds the {epochs} epoch(s) of "
-                     f"{num_records} training images: lower batch_size or raise num_epochs")
-  return steps
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> "Schedule":
+    return cls(config.batch_size, config.num_epochs, config.min_train_steps)
+
+  def epochs(self, num_records: int) -> int:
+    """Passes over the training split: num_epochs, or more when needed to reach min_train_steps."""
+    return max(self.num_epochs, math.ceil(self.min_train_steps * self.batch_size / max(num_records, 1)))
+
+  def steps(self, num_records: int) -> int:
+    """Steps the schedule spans: whole global batches in epochs(...) passes over the training split."""
+    epochs = self.epochs(num_records)
+    steps = (epochs * num_records) // self.batch_size
+    if steps < 1:
+      raise ValueError(f"batch_size={self.batch_size} exceeds the {epochs} epoch(s) of "
+                       f"{num_records} training images: lower batch_size or raise num_epochs")
+    return steps
 
 
 class _RecordAndEpoch(grain.transforms.MapWithIndex):
@@ -182,18 +206,35 @@ class _LoadEvalBatch(grain.transforms.Map):
     return {"image": np.stack(images), "label": labels, "mask": np.asarray(mask, bool)}
 
 
-def train_dataset(source: ImageSource, config: ml_collections.ConfigDict, process_index: int,
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+  """What the training batches depend on: the schedule, the seed and how each image becomes a crop."""
+
+  schedule: Schedule
+  seed: int
+  image_size: int
+  preprocess_mode: str  # data.preprocess
+  augment: preprocess.AugmentOptions
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> "TrainSettings":
+    return cls(Schedule.from_config(config), config.seed, config.image_size, config.data.preprocess,
+               preprocess.AugmentOptions.from_config(config.data))
+
+
+def train_dataset(source: ImageSource, settings: TrainSettings, process_index: int,
                   process_count: int) -> grain.MapDataset:
-  """This process's training batches, one element per step, for the whole run."""
-  num_records = len(source)
-  local_batch = config.batch_size // process_count  # config_validation: it divides by the devices
-  steps = num_train_steps(num_records, config)
-  positions = (grain.MapDataset.range(num_records).shuffle(seed=config.seed).repeat(num_epochs(num_records, config))
-               .map_with_index(_RecordAndEpoch(num_records)).batch(local_batch, drop_remainder=True))
-  local = positions[: steps * process_count][process_index::process_count]
-  loader = _LoadTrainBatch(source, config.seed, config.image_size, config.data.preprocess,
-                           preprocess.AugmentOptions.from_config(config.data))
-  return local.map(loader)
+  """This process's training batches, one element per step, for the whole run.
+
+  The global batch size divides by the process count (config_validation checks it divides by the devices).
+  """
+  num_records, schedule = len(source), settings.schedule
+  positions = (grain.MapDataset.range(num_records).shuffle(seed=settings.seed).repeat(schedule.epochs(num_records))
+               .map_with_index(_RecordAndEpoch(num_records)).batch(schedule.batch_size // process_count,
+                                                                   drop_remainder=True))
+  local = positions[: schedule.steps(num_records) * process_count][process_index::process_count]
+  return local.map(_LoadTrainBatch(source, settings.seed, settings.image_size, settings.preprocess_mode,
+                                   settings.augment))
 
 
 def num_eval_steps(num_records: int, eval_batch_size: int) -> int:
@@ -206,7 +247,7 @@ class EvalSettings:
 
   batch_size: int  # global: every process runs the same number of steps of this many examples
   image_size: int
-  preprocess: str  # a data.preprocess mode
+  preprocess_mode: str  # data.preprocess
   grid: int  # grid x grid views per image
 
   @classmethod
@@ -221,7 +262,7 @@ def eval_dataset(source: ImageSource, settings: EvalSettings, process_index: int
   steps = num_eval_steps(len(source), settings.batch_size)
   positions = grain.MapDataset.range(steps * settings.batch_size).batch(local_batch)
   return positions[process_index::process_count].map(
-      _LoadEvalBatch(source, settings.image_size, settings.preprocess, settings.grid))
+      _LoadEvalBatch(source, settings.image_size, settings.preprocess_mode, settings.grid))
 
 
 def make_iterator(dataset: grain.MapDataset, worker_count: int, worker_buffer_size: int,

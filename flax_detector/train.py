@@ -169,7 +169,7 @@ class Experiment:
   config: ml_collections.ConfigDict
   mesh: jax.sharding.Mesh
   splits: input_pipeline.Splits
-  total_steps: int  # the schedule's length: input_pipeline.num_epochs passes over the training split
+  total_steps: int  # the schedule's length: input_pipeline.Schedule.epochs passes over the training split
   last_step: int  # where this run stops: total_steps, or num_train_steps when that is smaller
   steps_per_epoch: float
   learning_rate_fn: optax.Schedule
@@ -195,7 +195,9 @@ def _with_crop_size(config: ml_collections.ConfigDict, splits: input_pipeline.Sp
 
   config.json records the result, so predict and evaluate crop exactly as training did.
   """
-  size = input_pipeline.crop_size(config, splits.train)
+  data = config.data
+  size = input_pipeline.crop_size(splits.train, config.image_size, data.preprocess, data.crop_policy,
+                                  data.shared_crop_quantile)
   if size == config.image_size:
     return config
   logging.warning("Crops of %d px instead of image_size=%d: %.0f%% of the training images are smaller than %d px "
@@ -210,7 +212,7 @@ def _with_crop_size(config: ml_collections.ConfigDict, splits: input_pipeline.Sp
 def build_experiment(config: ml_collections.ConfigDict, workdir: epath.Path | None = None) -> Experiment:
   """Everything before the first step, from a config that config_validation.validate returned."""
   mesh = sharding.create_mesh()
-  splits = input_pipeline.load_splits(config, workdir, jax.process_index())
+  splits = input_pipeline.load_splits(input_pipeline.SourceSettings.from_config(config), workdir, jax.process_index())
   config = _with_crop_size(config, splits)
   num_classes = len(config.data.class_names)
   counts = class_counts(splits.train, num_classes)
@@ -218,8 +220,8 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: epath.Path | No
                                        counts)
   logging.info("Class weights %s from training counts %s", class_weights.tolist(), counts.tolist())
 
-  total_steps = input_pipeline.num_train_steps(len(splits.train), config)
-  epochs = input_pipeline.num_epochs(len(splits.train), config)
+  schedule = input_pipeline.Schedule.from_config(config)
+  total_steps, epochs = schedule.steps(len(splits.train)), schedule.epochs(len(splits.train))
   if epochs > config.num_epochs:
     logging.info("%d epochs instead of num_epochs=%d, so the schedule spans min_train_steps=%d steps on %d images",
                  epochs, config.num_epochs, config.min_train_steps, len(splits.train))
@@ -249,8 +251,8 @@ def _restore_or_initialize(experiment: Experiment,
                            checkpointer: Checkpointer) -> tuple[TrainState, grain.DatasetIterator]:
   """The newest restorable checkpoint's state and data position, or a fresh state at step 0."""
   config = experiment.config
-  train_data = input_pipeline.train_dataset(experiment.splits.train, config, jax.process_index(),
-                                            jax.process_count())
+  train_data = input_pipeline.train_dataset(experiment.splits.train, input_pipeline.TrainSettings.from_config(config),
+                                            jax.process_index(), jax.process_count())
 
   def make_train_iterator(start_step: int) -> grain.DatasetIterator:
     return input_pipeline.make_iterator(train_data, config.data.worker_count, config.data.worker_buffer_size,

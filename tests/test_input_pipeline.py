@@ -6,13 +6,21 @@ from flax_detector.data.sources import split_off_validation
 from flax_detector.data.synthetic import SyntheticSource
 
 
+def _splits(config):
+  return input_pipeline.load_splits(input_pipeline.SourceSettings.from_config(config))
+
+
+def _train_settings(config):
+  return input_pipeline.TrainSettings.from_config(config)
+
+
 def _batches(config, process_index=0, process_count=1, split="train"):
-  splits = input_pipeline.load_splits(config)
+  splits = _splits(config)
   if split == "train":
-    dataset = input_pipeline.train_dataset(splits.train, config, process_index, process_count)
+    dataset = input_pipeline.train_dataset(splits.train, _train_settings(config), process_index, process_count)
   else:
-    dataset = input_pipeline.eval_dataset(getattr(splits, split), input_pipeline.EvalSettings.from_config(config),
-                                           process_index, process_count)
+    settings = input_pipeline.EvalSettings.from_config(config)
+    dataset = input_pipeline.eval_dataset(getattr(splits, split), settings, process_index, process_count)
   return [dataset[i] for i in range(len(dataset))]
 
 
@@ -27,8 +35,8 @@ def test_same_seed_same_batches_other_seed_other_batches(make_config):
 
 def test_every_epoch_sees_every_record_once_in_a_new_order(make_config):
   config = make_config(batch_size=8)
-  splits = input_pipeline.load_splits(config)
-  dataset = input_pipeline.train_dataset(splits.train, config, 0, 1)
+  splits = _splits(config)
+  dataset = input_pipeline.train_dataset(splits.train, _train_settings(config), 0, 1)
   # The position stream behind the batches: (record, epoch) pairs.
   positions = dataset._parent  # pylint: disable=protected-access
   records = np.concatenate([positions[i][0] for i in range(len(positions))])
@@ -69,8 +77,8 @@ def test_augmentation_depends_on_seed_record_and_epoch_only(make_config):
 
 def test_workers_give_the_same_batches_as_in_process(make_config):
   config = make_config()
-  splits = input_pipeline.load_splits(config)
-  dataset = input_pipeline.train_dataset(splits.train, config, 0, 1)
+  splits = _splits(config)
+  dataset = input_pipeline.train_dataset(splits.train, _train_settings(config), 0, 1)
   in_process = [batch["image"] for batch in input_pipeline.make_iterator(dataset, 0, 1, start=3)]
   iterator = input_pipeline.make_iterator(dataset, 2, 1, start=3)
   try:
@@ -111,7 +119,7 @@ def test_unreadable_files_are_left_out_and_a_file_broken_later_is_masked(make_co
   (tmp_path / "train/human-art/broken.png").write_bytes(b"not a png")
   (tmp_path / "test/ai-generated/broken.png").write_bytes(b"not a png")
   config = make_config(data__dir=str(tmp_path), data__val_fraction=0.0, batch_size=8, num_epochs=1)
-  splits = input_pipeline.load_splits(config)
+  splits = _splits(config)
   assert "train/human-art/broken.png" not in splits.train.keys and len(splits.train) == 16
   assert len(splits.test) == 16 and len(splits.skipped) == 2
   np.testing.assert_array_equal(np.bincount(splits.train.labels), [8, 8])  # counts and weights exclude it
@@ -119,7 +127,7 @@ def test_unreadable_files_are_left_out_and_a_file_broken_later_is_masked(make_co
   # A file that breaks after the index was built costs one masked example, not the run.
   later = splits.train.keys.index("train/human-art/3.png")
   (tmp_path / "train/human-art/3.png").write_bytes(b"truncated")
-  train = input_pipeline.train_dataset(splits.train, config, 0, 1)
+  train = input_pipeline.train_dataset(splits.train, _train_settings(config), 0, 1)
   batches = [train[i] for i in range(len(train))]
   masked = np.concatenate([batch["mask"] for batch in batches])
   assert masked.sum() == masked.size - 1  # the one broken record, wherever the shuffle put it

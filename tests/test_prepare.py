@@ -147,8 +147,8 @@ def test_training_batches_are_identical_from_the_folder_and_the_prepared_copy(tm
   src = _make_folder(tmp_path / "src", {"train": 14, "test": 5})
   dst = tmp_path / "prepared"
   prepare.prepare(str(src), str(dst), CLASSES, num_shards=3)
-  from_folder = input_pipeline.load_splits(make_config(data__dir=str(src)))
-  from_prepared = input_pipeline.load_splits(make_config(data__dir=str(dst)))
+  from_folder = input_pipeline.load_splits(input_pipeline.SourceSettings.from_config(make_config(data__dir=str(src))))
+  from_prepared = input_pipeline.load_splits(input_pipeline.SourceSettings.from_config(make_config(data__dir=str(dst))))
   assert isinstance(from_prepared.test, ArrayRecordImageSource)
   assert isinstance(from_folder.test, ImageFolderSource)
   for name in ("train", "validation", "test"):
@@ -156,8 +156,9 @@ def test_training_batches_are_identical_from_the_folder_and_the_prepared_copy(tm
   assert len(from_prepared.validation) > 0
 
   config = make_config(data__dir=str(dst))
-  folder_batches = input_pipeline.train_dataset(from_folder.train, config, 0, 1)
-  prepared_batches = input_pipeline.train_dataset(from_prepared.train, config, 0, 1)
+  train_settings = input_pipeline.TrainSettings.from_config(config)
+  folder_batches = input_pipeline.train_dataset(from_folder.train, train_settings, 0, 1)
+  prepared_batches = input_pipeline.train_dataset(from_prepared.train, train_settings, 0, 1)
   assert len(folder_batches) == len(prepared_batches) > 0
   for step in range(len(folder_batches)):
     expected, actual = folder_batches[step], prepared_batches[step]
@@ -174,7 +175,8 @@ def test_grain_workers_read_the_prepared_copy(tmp_path, make_config):
   dst = tmp_path / "prepared"
   prepare.prepare(str(src), str(dst), CLASSES, num_shards=2)
   config = make_config(data__dir=str(dst))
-  dataset = input_pipeline.train_dataset(input_pipeline.load_splits(config).train, config, 0, 1)
+  train_split = input_pipeline.load_splits(input_pipeline.SourceSettings.from_config(config)).train
+  dataset = input_pipeline.train_dataset(train_split, input_pipeline.TrainSettings.from_config(config), 0, 1)
   iterator = input_pipeline.make_iterator(dataset, 1, 1)
   try:
     with_worker = [batch["image"] for batch in iterator]

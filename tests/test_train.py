@@ -21,8 +21,8 @@ FIXED_SCALARS = ("train_loss", "train_accuracy", "learning_rate", "eval_loss", "
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_a_few_steps_lower_the_loss(make_config, dtype):
   config = make_config(model__dropout_rate=0.0, model__dtype=dtype)
-  splits = input_pipeline.load_splits(config)
-  batch = input_pipeline.train_dataset(splits.train, config, 0, 1)[0]
+  splits = input_pipeline.load_splits(input_pipeline.SourceSettings.from_config(config))
+  batch = input_pipeline.train_dataset(splits.train, input_pipeline.TrainSettings.from_config(config), 0, 1)[0]
   model = create_model(config.model, 2)
   state = train.create_train_state(config, model, train.create_optimizer(config, optax.constant_schedule(1e-3)))
   step = jax.jit(functools.partial(train.train_step, class_weights=np.ones(2, np.float32)))
@@ -49,7 +49,8 @@ def test_end_to_end_run_writes_metrics_checkpoints_and_scalars(trained_workdir, 
   assert np.asarray(final["confusion_matrix"]).sum() == config.data.synthetic_test_size
   for key in ("eval_accuracy", "eval_precision", "eval_recall", "eval_f1", "eval_loss"):
     assert 0.0 <= final[key] < float("inf")
-  steps = input_pipeline.num_train_steps(len(input_pipeline.load_splits(config).train), config)
+  train_split = input_pipeline.load_splits(input_pipeline.SourceSettings.from_config(config)).train
+  steps = input_pipeline.Schedule.from_config(config).steps(len(train_split))
   assert final["checkpoint_step"] == steps
   assert (trained_workdir / "checkpoints" / str(steps)).is_dir()
   assert json.loads((trained_workdir / "config.json").read_text())["image_size"] == config.image_size
