@@ -58,23 +58,23 @@ class EvalMetrics(clu_metrics.Collection):
   confusion_matrix: ConfusionMatrix
 
 
-def precision_recall_f1(confusion: np.ndarray, positive: int) -> dict[str, float]:
-  """Precision, recall and F1 of class `positive`; 0.0 where a ratio has no denominator."""
-  true_positive = float(confusion[positive, positive])
-  predicted_positive = float(confusion[:, positive].sum())
-  actual_positive = float(confusion[positive, :].sum())
+def precision_recall_f1(confusion: np.ndarray, positive_index: int) -> dict[str, float]:
+  """Precision, recall and F1 of class `positive_index`; 0.0 where a ratio has no denominator."""
+  true_positive = float(confusion[positive_index, positive_index])
+  predicted_positive = float(confusion[:, positive_index].sum())
+  actual_positive = float(confusion[positive_index, :].sum())
   precision = true_positive / predicted_positive if predicted_positive else 0.0
   recall = true_positive / actual_positive if actual_positive else 0.0
   f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
   return {"eval_precision": precision, "eval_recall": recall, "eval_f1": f1}
 
 
-def summarize_eval(metrics: EvalMetrics, positive: int) -> dict[str, Any]:
+def summarize_eval(metrics: EvalMetrics, positive_index: int) -> dict[str, Any]:
   """Host-side summary of an evaluation: scalars, confusion matrix and example count."""
   computed = jax.device_get(metrics.compute())
   confusion = np.asarray(computed.pop("confusion_matrix"), np.int64)
   summary: dict[str, Any] = {name: float(value) for name, value in computed.items()}
-  summary.update(precision_recall_f1(confusion, positive))
+  summary.update(precision_recall_f1(confusion, positive_index))
   summary["confusion_matrix"] = confusion.tolist()
   summary["num_examples"] = int(confusion.sum())
   return summary

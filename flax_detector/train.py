@@ -379,13 +379,13 @@ def _evaluate_once(experiment: Experiment, state: TrainState,
   return result
 
 
-def _calibrate(experiment: Experiment, state: TrainState, positive: int) -> dict[str, Any]:
+def _calibrate(experiment: Experiment, state: TrainState, positive_index: int) -> dict[str, Any]:
   """Temperature and threshold fitted on the validation split (never on test)."""
   if not len(experiment.splits.validation):
     return {"temperature": 1.0, "threshold": 0.5, "fitted_on": "nothing: data.val_fraction=0 leaves no validation "
                                                                "split, so scores are uncalibrated"}
   _, scores = _evaluate_once(experiment, state, experiment.splits.validation)
-  return report.fit_calibration(scores.log_probs, scores.labels, positive)
+  return report.fit_calibration(scores.log_probs, scores.labels, positive_index)
 
 
 def _final_evaluation(experiment: Experiment, state: TrainState, workdir: epath.Path,
@@ -393,23 +393,34 @@ def _final_evaluation(experiment: Experiment, state: TrainState, workdir: epath.
   """Test metrics, the calibration fitted on validation, and the test split's figures in TensorBoard."""
   config = experiment.config
   class_names = list(config.data.class_names)
-  positive = class_names.index(config.data.positive_class)
+  positive_index = class_names.index(config.data.positive_class)
   step = int(jax.device_get(state.step))
   final, test_scores = _evaluate_once(experiment, state, experiment.splits.test)
-  fitted_calibration = _calibrate(experiment, state, positive)
+  fitted_calibration = _calibrate(experiment, state, positive_index)
   fitted = report.Calibration(fitted_calibration["temperature"], fitted_calibration["threshold"])
   final.update(split="test", checkpoint_step=step, class_names=class_names,
-               calibrated=report.summarize_scores(test_scores.log_probs, test_scores.labels, positive, fitted))
+               calibrated=report.summarize_scores(test_scores.log_probs, test_scores.labels, positive_index, fitted))
   writer.write_scalars(step, {k.replace("eval_", "test_"): v for k, v in final.items() if k.startswith("eval_")})
   if jax.process_index() == 0:
     workdir_module.write_json(workdir / workdir_module.CALIBRATION, fitted_calibration)
     logging.info("Calibration on validation: %s", fitted_calibration)
     with tempfile.TemporaryDirectory() as figures:
-      names = report.write_score_figures(epath.Path(figures), test_scores.log_probs, test_scores.labels, positive,
+      names = report.write_score_figures(epath.Path(figures), test_scores.log_probs, test_scores.labels, positive_index,
                                          class_names, fitted, final["calibrated"])
       writer.write_images(step, {f"test/{name.removesuffix('.png')}": report_figures.figure_to_tensorboard_image(
           epath.Path(figures) / name)[None] for name in names})
   return final
+
+
+def _create_writer(workdir: epath.Path, is_chief: bool) -> metric_writers.MetricWriter:
+  """Process 0's writer writes TensorBoard events and log lines; the other processes' writers write nothing.
+
+  So a job's logs hold each scalar once: clu's create_default_writer(just_logging=True) would log every
+  scalar on every process.
+  """
+  if is_chief:
+    return metric_writers.create_default_writer(workdir, asynchronous=True)
+  return metric_writers.MultiWriter([])
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any] | None:
@@ -427,9 +438,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if is_chief:
     _audit_data(experiment, workdir_path)
   with contextlib.ExitStack() as cleanup:
-    # Only process 0 reports; the others hold a writer that writes nothing.
-    writer = (metric_writers.create_default_writer(workdir, asynchronous=True) if is_chief
-              else metric_writers.MultiWriter([]))
+    writer = _create_writer(workdir_path, is_chief)
     cleanup.callback(writer.close)
     checkpointer = cleanup.enter_context(Checkpointer(
         workdir_path / workdir_module.CHECKPOINTS,

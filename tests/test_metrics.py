@@ -13,7 +13,7 @@ def test_eval_metrics_count_only_unmasked_examples_and_derive_f1():
                                                        per_example_loss=jnp.ones(5), example_weight=weight)
   second = metrics.EvalMetrics.single_from_model_output(logits=logits[:1], labels=labels[:1], mask=mask[:1],
                                                         per_example_loss=jnp.full(1, 3.0), example_weight=weight[:1])
-  summary = metrics.summarize_eval(first.merge(second), positive=1)
+  summary = metrics.summarize_eval(first.merge(second), positive_index=1)
   # true x predicted: human-art [1 right, 1 wrong]; ai-generated [1 missed, 2 found]
   assert summary["confusion_matrix"] == [[1, 1], [1, 2]]
   assert summary["num_examples"] == 5
