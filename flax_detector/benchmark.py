@@ -1,99 +1,122 @@
-"""Throughput of the input pipeline and of the train step, measured apart: where does time go?
+"""Command line over flax_detector.throughput: where does a run's time go, and how does PyTorch compare?
 
-  python -m flax_detector.benchmark --config=configs/vgg16.py:cpu [--steps=50] [--part=all|input|train]
+  python -m flax_detector.benchmark --config=configs/vgg16.py:cpu [--parts=step,e2e,eval,input] [--compare_torch]
 
-Prints one JSON object: input images/s (decode + augment in the configured Grain workers), train
-steps/s and images/s (on a fixed batch already on the devices, so the input pipeline is not in
-the way), the compile time and the per-device memory of parameters and optimizer state. The two
-rates bound a real run: it goes as fast as the slower of them.
+Prints a few readable lines, then one JSON object with every figure: the train step alone on a resident
+batch (images/s, compile time, GFLOP per image from XLA's cost analysis, MFU over the device's peak),
+the real training loop end to end and its fraction of the step alone, the eval step alone, and the
+input pipeline alone. With --compare_torch, benchmarks/torch_reference.py runs the same model, batch,
+dtype and optimizer in PyTorch (eager, then torch.compile) in between the JAX rounds, so both sides see
+the same machine at the same time; each side's figure is its best round.
 """
 
-import contextlib
 import json
-import time
 from typing import Any
 
 from absl import app, flags, logging
 import jax
 import ml_collections
 from ml_collections import config_flags
-import numpy as np
 
-from flax_detector import config_validation, distributed, input_pipeline, sharding
+from flax_detector import config_validation, distributed, throughput
+
+PARTS = ("step", "e2e", "eval", "input")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration, e.g. configs/vgg16.py:cpu.", lock_config=True)
-flags.DEFINE_integer("steps", 30, "Timed batches or steps per part, after the warm-up.")
-flags.DEFINE_integer("warmup", 3, "Untimed batches or steps first (compilation, worker start-up).")
-flags.DEFINE_enum("part", "all", ["all", "input", "train"], "What to measure.")
+flags.DEFINE_list("parts", list(PARTS), f"What to measure, any of {','.join(PARTS)}.")
+flags.DEFINE_integer("steps", 20, "Timed steps (or input batches) per round, after the warm-up.")
+flags.DEFINE_integer("warmup", 3, "Untimed steps or batches first (compilation, worker start-up).")
+flags.DEFINE_integer("rounds", 3, "Timed rounds of the train and eval steps; the best round counts.")
+flags.DEFINE_integer("e2e_steps", 100, "Training steps of the end-to-end run (the loop's rate is timed between its "
+                     "first and last logged loss).")
+flags.DEFINE_bool("compare_torch", False, "Also time benchmarks/torch_reference.py (pip install -e '.[bench]').")
+flags.DEFINE_bool("torch_compile", True, "With --compare_torch, also time torch.compile (once, after the rounds).")
+flags.DEFINE_integer("torch_timeout", 900, "Seconds each PyTorch run may take, compilation included.")
 flags.mark_flag_as_required("config")
 
 
-def benchmark_input(config: ml_collections.ConfigDict, steps: int, warmup: int) -> dict[str, float]:
-  """Process-local images/s of the training pipeline, with the configured number of Grain workers."""
-  splits = input_pipeline.load_splits(input_pipeline.SourceSettings.from_config(config))
-  dataset = input_pipeline.train_dataset(splits.train, input_pipeline.TrainSettings.from_config(config),
-                                         jax.process_index(), jax.process_count())
-  if len(dataset) < steps + warmup:
-    raise ValueError(f"--steps={steps} + --warmup={warmup} exceed the {len(dataset)} training batches of this config")
-  with contextlib.closing(input_pipeline.make_iterator(dataset, config.data.worker_count,
-                                                      config.data.worker_buffer_size)) as iterator:
-    for _ in range(warmup):
-      next(iterator)
-    start = time.perf_counter()
-    images = sum(len(next(iterator)["label"]) for _ in range(steps))
-    seconds = time.perf_counter() - start
-  return {"input_images_per_second": images / seconds, "input_worker_count": config.data.worker_count}
+def _step_with_torch(experiment: Any) -> dict[str, Any]:
+  """The train step alone, in rounds interleaved with PyTorch eager rounds when --compare_torch."""
+  timer = throughput.TrainStepTimer.create(experiment, FLAGS.warmup)
+  best_jax, torch_eager = float("inf"), None
+  for _ in range(FLAGS.rounds):
+    best_jax = min(best_jax, timer.run(FLAGS.steps))
+    if FLAGS.compare_torch:
+      result = throughput.run_torch_reference(
+          throughput.torch_reference_args(experiment, "eager", FLAGS.steps, FLAGS.warmup), FLAGS.torch_timeout)
+      if torch_eager is None or result.get("torch_images_per_second", 0) > torch_eager.get(
+          "torch_images_per_second", 0):
+        torch_eager = result
+  results = timer.summary(best_jax, FLAGS.steps, throughput.peak_flops(experiment.config.model.dtype))
+  if FLAGS.compare_torch:
+    results.update(_torch_side("eager", torch_eager, results["train_images_per_second"]))
+    if FLAGS.torch_compile:
+      compiled = throughput.run_torch_reference(
+          throughput.torch_reference_args(experiment, "compile", FLAGS.steps, FLAGS.warmup), FLAGS.torch_timeout)
+      results.update(_torch_side("compile", compiled, results["train_images_per_second"]))
+  return results
 
 
-def benchmark_train_step(config: ml_collections.ConfigDict, steps: int, warmup: int) -> dict[str, Any]:
-  """Steps/s of the jitted train step on a fixed global batch."""
+def _torch_side(mode: str, result: dict[str, Any], jax_images_per_second: float) -> dict[str, Any]:
+  """One PyTorch mode's figures under torch_<mode>_* keys, with JAX's images/s over PyTorch's."""
+  side = {f"torch_{mode}_{key.removeprefix('torch_')}": value for key, value in result.items()}
+  if "torch_images_per_second" in result:
+    side[f"jax_over_torch_{mode}"] = jax_images_per_second / result["torch_images_per_second"]
+  return side
+
+
+def _measure(config: ml_collections.ConfigDict) -> dict[str, Any]:
   from flax_detector import train  # pylint: disable=g-import-not-at-top  (see main.py: keeps Grain workers light)
 
   experiment = train.build_experiment(config)
-  state = jax.jit(experiment.init_state, out_shardings=experiment.state_shardings)()
-  local_batch = config.batch_size // jax.process_count()
-  rng = np.random.default_rng(0)
-  batch = sharding.to_global_batch({
-      "image": rng.integers(0, 256, (local_batch, config.image_size, config.image_size, 3), dtype=np.uint8),
-      "label": rng.integers(0, len(config.data.class_names), local_batch).astype(np.int32),
-      "mask": np.ones(local_batch, bool)}, experiment.batch_sharding)
-  start = time.perf_counter()
-  compiled = experiment.train_step.lower(state, batch).compile()
-  compile_seconds = time.perf_counter() - start
-  for _ in range(warmup):
-    state, _ = compiled(state, batch)
-  jax.block_until_ready(state)
-  start = time.perf_counter()
-  for _ in range(steps):
-    state, _ = compiled(state, batch)
-  jax.block_until_ready(state)
-  seconds = time.perf_counter() - start
-  abstract, shardings = experiment.abstract_state, experiment.state_shardings
-  return {
-      "train_steps_per_second": steps / seconds,
-      "train_images_per_second": steps * config.batch_size / seconds,
-      "compile_seconds": compile_seconds,
-      "devices": experiment.mesh.size,
-      "sharding": config.sharding,
-      "params_mib_per_device": sharding.bytes_per_device(abstract.params, shardings.params) / 2**20,
-      "optimizer_mib_per_device": sharding.bytes_per_device(abstract.opt_state, shardings.opt_state) / 2**20,
-  }
+  config = experiment.config  # with the crop size the data supports
+  results: dict[str, Any] = {"platform": jax.default_backend(), "batch_size": config.batch_size,
+                             "image_size": config.image_size, "dtype": config.model.dtype,
+                             "width_multiplier": config.model.width_multiplier,
+                             "batch_norm": config.model.batch_norm, "jax_version": jax.__version__}
+  if "step" in FLAGS.parts:
+    results.update(_step_with_torch(experiment))
+  if "e2e" in FLAGS.parts:
+    results.update(throughput.measure_end_to_end(config, FLAGS.e2e_steps))
+    if "train_images_per_second" in results:
+      results["e2e_fraction_of_step"] = results["e2e_images_per_second"] / results["train_images_per_second"]
+  if "eval" in FLAGS.parts:
+    results.update(throughput.measure_eval_step(experiment, FLAGS.steps, FLAGS.warmup, FLAGS.rounds))
+  if "input" in FLAGS.parts:
+    results.update(throughput.measure_input(config, FLAGS.steps, FLAGS.warmup))
+  return results
+
+
+def summary_lines(results: dict[str, Any]) -> list[str]:
+  """The headline figures, one per line, for a person reading the terminal."""
+  lines = []
+  for key, label in (("train_images_per_second", "train step alone"), ("e2e_images_per_second", "end to end"),
+                     ("torch_eager_images_per_second", "PyTorch eager"),
+                     ("torch_compile_images_per_second", "PyTorch torch.compile"),
+                     ("eval_images_per_second", "eval step alone"), ("input_images_per_second", "input pipeline")):
+    if key in results:
+      lines.append(f"{label:>24}: {results[key]:10.1f} images/s")
+  for key, label in (("train_mfu", "MFU of the train step"), ("e2e_fraction_of_step", "end to end / step alone"),
+                     ("jax_over_torch_eager", "JAX / PyTorch eager"),
+                     ("jax_over_torch_compile", "JAX / torch.compile")):
+    if key in results:
+      lines.append(f"{label:>24}: {results[key]:10.3f}")
+  lines += [f"{key:>24}: {results[key]}" for key in ("torch_eager_error", "torch_compile_error") if key in results]
+  return lines
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  unknown = sorted(set(FLAGS.parts) - set(PARTS))
+  if unknown:
+    raise app.UsageError(f"--parts: unknown {unknown}; choose from {','.join(PARTS)}")
   distributed.initialize(None, None, None)
-  config = config_validation.validate(FLAGS.config)
-  results: dict[str, Any] = {"platform": jax.devices()[0].platform, "batch_size": config.batch_size,
-                             "image_size": config.image_size}
-  if FLAGS.part in ("all", "input"):
-    results.update(benchmark_input(config, FLAGS.steps, FLAGS.warmup))
-  if FLAGS.part in ("all", "train"):
-    results.update(benchmark_train_step(config, FLAGS.steps, FLAGS.warmup))
+  results = _measure(config_validation.validate(FLAGS.config))
   logging.info("Benchmark: %s", results)
   if jax.process_index() == 0:
+    print("\n".join(summary_lines(results)))
     print(json.dumps(results, sort_keys=True))
 
 

@@ -1,14 +1,71 @@
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
 import pytest
 
-from flax_detector import benchmark
+from flax_detector import models, throughput
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# The tiny config of conftest.tiny_config, as command-line overrides of the cpu preset.
+TINY_FLAGS = ["--config=configs/vgg16.py:cpu", "--config.image_size=32", "--config.batch_size=16",
+              "--config.eval_batch_size=16", "--config.model.width_multiplier=0.0625", "--config.data.worker_count=0",
+              "--config.data.eval_grid=2", "--config.data.synthetic_train_size=160",
+              "--config.data.synthetic_test_size=40", "--config.data.synthetic_min_side=32",
+              "--config.data.synthetic_max_side=48"]
 
 
-def test_benchmark_reports_both_rates_and_memory(make_config):
-  config = make_config()
-  input_rates = benchmark.benchmark_input(config, steps=2, warmup=1)
-  assert input_rates["input_images_per_second"] > 0
-  train_rates = benchmark.benchmark_train_step(config, steps=2, warmup=1)
-  assert train_rates["train_steps_per_second"] > 0 and train_rates["devices"] == 8
-  assert train_rates["train_images_per_second"] == train_rates["train_steps_per_second"] * config.batch_size
+def _torch_reference():
+  torch = pytest.importorskip("torch")
+  spec = importlib.util.spec_from_file_location("torch_reference", throughput.TORCH_REFERENCE)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return torch, module
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_torch_reference_has_the_flax_models_parameter_count(batch_norm):
+  torch, reference = _torch_reference()
+  del torch
+  flax_model = models.VGG16(num_classes=2, batch_norm=batch_norm, width_multiplier=0.25)
+  shapes = jax.eval_shape(lambda: models.init_variables(flax_model, 64, jax.random.key(0)))["params"]
+  flax_count = sum(leaf.size for leaf in jax.tree.leaves(shapes))
+  torch_model = reference.vgg16(2, batch_norm, 0.25, 0.5)
+  assert sum(p.numel() for p in torch_model.parameters()) == flax_count
+
+
+def test_cli_prints_each_part_and_the_torch_ratio():
+  compare = ["--compare_torch", "--notorch_compile"] if importlib.util.find_spec("torch") else []
+  done = subprocess.run(
+      [sys.executable, "-m", "flax_detector.benchmark", *TINY_FLAGS, "--parts=step,eval,input", "--steps=2",
+       "--warmup=1", "--rounds=1", *compare], cwd=REPO, capture_output=True, text=True, timeout=600,
+      env={**os.environ, "PYTHONPATH": str(REPO)}, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  results = json.loads(done.stdout.strip().splitlines()[-1])
+  assert results["devices"] == 8  # conftest's simulated devices reach the child through XLA_FLAGS
+  assert results["train_images_per_second"] == pytest.approx(results["train_steps_per_second"] * 16)
+  assert results["train_gflop_per_image"] > 0 and 0 < results["train_mfu"] < 1
+  assert results["eval_images_per_second"] > 0 and results["eval_views_per_image"] == 4
+  assert results["input_images_per_second"] > 0
   # AdamW keeps two moments per parameter (plus a few scalars).
-  assert train_rates["optimizer_mib_per_device"] == pytest.approx(2 * train_rates["params_mib_per_device"], rel=0.01)
+  assert results["optimizer_mib_per_device"] == pytest.approx(2 * results["params_mib_per_device"], rel=0.01)
+  assert "train step alone" in done.stdout
+  if compare:
+    assert results["jax_over_torch_eager"] == pytest.approx(
+        results["train_images_per_second"] / results["torch_eager_images_per_second"])
+
+
+def test_end_to_end_rate_comes_from_the_real_loop(make_config):
+  config = make_config(num_train_steps=10)
+  results = throughput.measure_end_to_end(config, steps=10)
+  assert results["e2e_steps"] == 10 and results["e2e_images_per_second"] > 0
+  assert results["e2e_total_seconds"] > results["e2e_after_loop_seconds"] > 0
+
+
+def test_end_to_end_needs_two_logged_losses(make_config):
+  with pytest.raises(ValueError, match="log_every_steps"):
+    throughput.measure_end_to_end(make_config(log_every_steps=100), steps=3)

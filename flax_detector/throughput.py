@@ -1,0 +1,228 @@
+"""Where does a run's time go? Rates of the train step, the real loop, evaluation and the input pipeline.
+
+Each part isolates one thing: the train step alone on a batch already on the devices (its compile time,
+its FLOPs from XLA's cost analysis and the share of the device's peak they reach: MFU); the real loop
+(train.train_and_evaluate with its input, metrics, validation and checkpoints) as a fraction of that
+step; the eval step alone; the input pipeline alone. `torch_reference` runs benchmarks/torch_reference.py,
+the same model, batch and optimizer in PyTorch, so the two can be timed side by side on the same machine.
+
+Everything is built by train.build_experiment, exactly as training builds it: the benchmark measures the
+trainer's own step, not a copy. flax_detector.benchmark is the command line over these functions.
+"""
+
+import contextlib
+import dataclasses
+import json
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tensorboard.backend.event_processing import event_accumulator
+
+from flax_detector import input_pipeline, sharding
+
+TORCH_REFERENCE = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "torch_reference.py"
+
+# Dense bf16 peak per chip in TFLOP/s, from the vendors' data sheets, by a substring of jax's device_kind
+# (first match wins, so the more specific names come first). Other devices and dtypes: measured.
+PUBLISHED_BF16_PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0), ("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L4", 121.0),
+    ("TPU v6 lite", 918.0), ("TPU v5 lite", 197.0), ("TPU v5", 459.0), ("TPU v4", 275.0),
+)
+
+
+def _best_seconds(run_once: Any, rounds: int) -> float:
+  """The fastest of `rounds` calls: on a shared machine, the round least disturbed by other work."""
+  best = float("inf")
+  for _ in range(rounds):
+    start = time.perf_counter()
+    run_once()
+    best = min(best, time.perf_counter() - start)
+  return best
+
+
+def measured_peak_flops(dtype: str, rounds: int = 3) -> float:
+  """FLOP/s of a large square matmul in `dtype` on the first device: what this device can do at best."""
+  side = 2048 if jax.default_backend() == "cpu" else 8192
+  keys = jax.random.split(jax.random.key(0))
+  a, b = (jax.random.normal(key, (side, side), jnp.dtype(dtype)) for key in keys)
+  matmul = jax.jit(jnp.matmul)
+  jax.block_until_ready(matmul(a, b))
+  return 2 * side**3 / _best_seconds(lambda: jax.block_until_ready(matmul(a, b)), rounds)
+
+
+def peak_flops(dtype: str) -> tuple[float, str]:
+  """(FLOP/s of one device, where the figure comes from): published for bf16 on known accelerators."""
+  kind = jax.devices()[0].device_kind
+  if jax.default_backend() != "cpu" and jnp.dtype(dtype) == jnp.bfloat16:
+    for name, tflops in PUBLISHED_BF16_PEAK_TFLOPS:
+      if name in kind:
+        return tflops * 1e12, f"published bf16 peak of {kind}"
+  return measured_peak_flops(dtype), f"measured {dtype} matmul on {kind}"
+
+
+def resident_batch(experiment: Any, batch_size: int, views: int = 0) -> dict[str, jax.Array]:
+  """A global batch of random uint8 images already on the devices; `views` > 0 gives an eval batch."""
+  local = batch_size // jax.process_count()
+  side = experiment.config.image_size
+  rng = np.random.default_rng(0)
+  shape = (local, views, side, side, 3) if views else (local, side, side, 3)
+  return sharding.to_global_batch({
+      "image": rng.integers(0, 256, shape, dtype=np.uint8),
+      "label": rng.integers(0, len(experiment.config.data.class_names), local).astype(np.int32),
+      "mask": np.ones(local, bool)}, experiment.batch_sharding)
+
+
+@dataclasses.dataclass
+class TrainStepTimer:
+  """The trainer's compiled train step on a resident batch, timed in rounds that can interleave with others."""
+
+  experiment: Any
+  compiled: Any
+  state: Any
+  batch: dict[str, jax.Array]
+  compile_seconds: float
+  flops_per_step: float
+
+  @classmethod
+  def create(cls, experiment: Any, warmup: int) -> "TrainStepTimer":
+    state = jax.jit(experiment.init_state, out_shardings=experiment.state_shardings)()
+    batch = resident_batch(experiment, experiment.config.batch_size)
+    start = time.perf_counter()
+    compiled = experiment.train_step.lower(state, batch).compile()
+    compile_seconds = time.perf_counter() - start
+    # Per device: under jit over a mesh, XLA analyses the partitioned program one device runs.
+    flops = float((compiled.cost_analysis() or {}).get("flops", 0.0))
+    timer = cls(experiment, compiled, state, batch, compile_seconds, flops)
+    timer.run(warmup)
+    return timer
+
+  def run(self, steps: int) -> float:
+    """Seconds for `steps` steps, dispatched back to back as the training loop does."""
+    start = time.perf_counter()
+    for _ in range(steps):
+      self.state, _ = self.compiled(self.state, self.batch)
+    jax.block_until_ready(self.state)
+    return time.perf_counter() - start
+
+  def summary(self, best_seconds: float, steps: int, peak: tuple[float, str]) -> dict[str, Any]:
+    steps_per_second = steps / best_seconds
+    abstract, shardings = self.experiment.abstract_state, self.experiment.state_shardings
+    return {
+        "train_steps_per_second": steps_per_second,
+        "train_images_per_second": steps_per_second * self.experiment.config.batch_size,
+        "train_compile_seconds": self.compile_seconds,
+        "train_gflop_per_image": self.flops_per_step * self.experiment.mesh.size / self.experiment.config.batch_size
+                                 / 1e9,
+        "train_mfu": self.flops_per_step * steps_per_second / peak[0],
+        "peak_tflops_per_device": peak[0] / 1e12,
+        "peak_source": peak[1],
+        "devices": self.experiment.mesh.size,
+        "device_kind": jax.devices()[0].device_kind,
+        "sharding": self.experiment.config.sharding,
+        "params_mib_per_device": sharding.bytes_per_device(abstract.params, shardings.params) / 2**20,
+        "optimizer_mib_per_device": sharding.bytes_per_device(abstract.opt_state, shardings.opt_state) / 2**20,
+    }
+
+
+def measure_eval_step(experiment: Any, steps: int, warmup: int, rounds: int = 1) -> dict[str, float]:
+  """Images/s of the trainer's eval step (every image scored as eval_grid x eval_grid views) on a resident batch."""
+  views = experiment.config.data.eval_grid**2
+  state = jax.jit(experiment.init_state, out_shardings=experiment.state_shardings)()
+  batch = resident_batch(experiment, experiment.config.eval_batch_size, views)
+  compiled = experiment.eval_step.lower(state, batch).compile()
+
+  def run(count: int) -> None:
+    jax.block_until_ready([compiled(state, batch) for _ in range(count)])
+
+  run(warmup)
+  images_per_second = steps * experiment.config.eval_batch_size / _best_seconds(lambda: run(steps), rounds)
+  return {"eval_images_per_second": images_per_second, "eval_views_per_image": views,
+          "eval_crops_per_second": images_per_second * views}
+
+
+def measure_input(config: ml_collections.ConfigDict, steps: int, warmup: int) -> dict[str, float]:
+  """Process-local images/s of the training pipeline, with the configured number of Grain workers."""
+  splits = input_pipeline.load_splits(input_pipeline.SourceSettings.from_config(config))
+  dataset = input_pipeline.train_dataset(splits.train, input_pipeline.TrainSettings.from_config(config),
+                                         jax.process_index(), jax.process_count())
+  if len(dataset) < steps + warmup:
+    raise ValueError(f"--steps={steps} + --warmup={warmup} exceed the {len(dataset)} training batches of this config")
+  with contextlib.closing(input_pipeline.make_iterator(dataset, config.data.worker_count,
+                                                      config.data.worker_buffer_size)) as iterator:
+    for _ in range(warmup):
+      next(iterator)
+    start = time.perf_counter()
+    images = sum(len(next(iterator)["label"]) for _ in range(steps))
+    seconds = time.perf_counter() - start
+  return {"input_images_per_second": images / seconds, "input_worker_count": config.data.worker_count}
+
+
+def _train_log_times(workdir: str) -> list[tuple[int, float]]:
+  """(step, wall time) of every train_loss the run wrote to TensorBoard, in step order."""
+  events = event_accumulator.EventAccumulator(workdir, size_guidance={event_accumulator.TENSORS: 0})
+  events.Reload()
+  return sorted((event.step, event.wall_time) for event in events.Tensors("train_loss"))
+
+
+def measure_end_to_end(config: ml_collections.ConfigDict, steps: int) -> dict[str, float]:
+  """The real loop, train.train_and_evaluate, for `steps` steps in a fresh workdir.
+
+  Its rate is taken between the first and the last logged training loss: after compilation, before the
+  final test evaluation, with the input pipeline, metrics, validation and checkpoints in between as
+  they fall at the config's cadence.
+  """
+  from flax_detector import train  # pylint: disable=g-import-not-at-top  (see main.py: keeps Grain workers light)
+
+  if steps < 2 * config.log_every_steps:
+    raise ValueError(f"--e2e_steps={steps} logs the training loss fewer than twice at log_every_steps="
+                     f"{config.log_every_steps}; raise --e2e_steps or lower --config.log_every_steps to time the loop")
+  run_config = ml_collections.ConfigDict(config.to_dict())
+  run_config.num_train_steps = steps
+  with tempfile.TemporaryDirectory() as workdir:
+    start = time.time()
+    train.train_and_evaluate(run_config, workdir)
+    total_seconds = time.time() - start
+    logged = _train_log_times(workdir)
+  (first_step, first_time), (last_step, last_time) = logged[0], logged[-1]
+  steps_per_second = (last_step - first_step) / (last_time - first_time)
+  return {"e2e_steps_per_second": steps_per_second,
+          "e2e_images_per_second": steps_per_second * config.batch_size,
+          "e2e_total_seconds": total_seconds, "e2e_steps": steps,
+          "e2e_after_loop_seconds": total_seconds - (last_time - start)}
+
+
+def torch_reference_args(experiment: Any, mode: str, steps: int, warmup: int) -> list[str]:
+  """benchmarks/torch_reference.py's arguments for the experiment's model, batch, dtype and optimizer."""
+  config = experiment.config
+  device = {"gpu": "cuda", "cpu": "cpu"}.get(jax.default_backend())
+  if device is None:
+    raise ValueError(f"--compare_torch runs PyTorch on CPU or CUDA; this backend is {jax.default_backend()}")
+  return [f"--mode={mode}", f"--device={device}", f"--batch_size={config.batch_size}",
+          f"--image_size={config.image_size}", f"--width_multiplier={config.model.width_multiplier}",
+          "--batch_norm" if config.model.batch_norm else "--no-batch_norm", f"--dtype={config.model.dtype}",
+          f"--num_classes={len(config.data.class_names)}", f"--dropout_rate={config.model.dropout_rate}",
+          f"--learning_rate={config.learning_rate}", f"--weight_decay={config.weight_decay}",
+          f"--grad_clip_norm={config.grad_clip_norm}",
+          f"--warmup_steps={max(1, int(config.warmup_epochs * experiment.steps_per_epoch))}",
+          f"--total_steps={experiment.total_steps}", f"--steps={steps}", f"--warmup={warmup}"]
+
+
+def run_torch_reference(args: list[str], timeout_seconds: float) -> dict[str, Any]:
+  """One run of the PyTorch reference in its own process; a failure or timeout comes back as "torch_error"."""
+  command = [sys.executable, str(TORCH_REFERENCE), *args]
+  try:
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_seconds, check=False)
+  except subprocess.TimeoutExpired:
+    return {"torch_error": f"no result within {timeout_seconds:.0f} s"}
+  if done.returncode != 0:
+    lines = done.stderr.strip().splitlines() or [f"exit code {done.returncode}"]
+    return {"torch_error": lines[-1]}
+  return json.loads(done.stdout.strip().splitlines()[-1])
