@@ -96,23 +96,29 @@ def fitted_leaves(pretrained: Pretrained, target: dict[str, Any], config: ml_col
         f"{pretrained.source} holds a VGG16 {'with' if pretrained.batch_norm else 'without'} BatchNorm, the "
         f"config has model.batch_norm={config.model.batch_norm}: set --config.model.batch_norm="
         f"{pretrained.batch_norm}.")
-  leaves, mismatches = {}, []
+  leaves, mismatches = {}, {}
   for key_path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
     path = _path(key_path)
     value = pretrained.variables[path[0]][path[1]][path[2]]
     if value.shape == leaf.shape:
       leaves[path] = value
     elif not (new_head_allowed and path[1] == HEAD and value.shape[:-1] == leaf.shape[:-1]):
-      mismatches.append(pretrained.describe_mismatch(path, value.shape, leaf.shape))
+      mismatches[path] = pretrained.describe_mismatch(path, value.shape, leaf.shape)
   if mismatches:
-    new_head_hint = ("" if new_head_allowed else " To fine-tune weights with another class count, train with "
-                     "--config.init_from, which re-initialises the last layer.")
-    raise WeightsFileError(
-        f"{pretrained.source} does not fit the configured model ({len(mismatches)} tensors differ): "
-        f"{'; '.join(mismatches[:3])}. model.width_multiplier={config.model.width_multiplier} scales every layer "
-        f"and the last layer has one output per class of data.class_names ({len(config.data.class_names)})."
-        f"{new_head_hint}")
+    raise WeightsFileError(_mismatch_message(pretrained.source, mismatches, config))
   return leaves
+
+
+def _mismatch_message(source: str, mismatches: dict[LeafPath, str], config: ml_collections.ConfigDict) -> str:
+  first = sorted(mismatches, key=lambda path: path[0] != "params")[:3]  # weights say more than statistics
+  message = (f"{source} does not fit the configured model ({len(mismatches)} tensors differ): "
+             f"{'; '.join(mismatches[path] for path in first)}. model.width_multiplier="
+             f"{config.model.width_multiplier} scales every layer and the last layer has one output per class of "
+             f"data.class_names ({len(config.data.class_names)}).")
+  if all(path[1] == HEAD for path in mismatches):
+    message += (" To fine-tune weights with another class count, train with --config.init_from, which "
+                "re-initialises the last layer.")
+  return message
 
 
 def _log_head(pretrained: Pretrained, leaves: dict[LeafPath, np.ndarray], target: dict[str, Any]) -> None:

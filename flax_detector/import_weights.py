@@ -28,6 +28,7 @@ from flax_detector import (
   config_validation,
   errors,
   finetune,
+  inference,
   run_lock,
   train,
 )
@@ -76,6 +77,7 @@ def _define_flags() -> None:
   config_flags.DEFINE_config_file("config", "configs/vgg16.py", "Config the workdir records (model width, class "
                                   "names, image size, ...); model.batch_norm is taken from the weights.",
                                   lock_config=True)
+  flags.DEFINE_bool("verbose", False, "Show library log lines (Orbax's checkpoint writing) on stderr.")
   flags.mark_flags_as_required(["source", "workdir"])
 
 
@@ -83,6 +85,8 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   options = flags.FLAGS
+  if not options.verbose:
+    inference.quiet_library_logs()
   try:
     config = import_weights(options.source, options.workdir, options.config)
   except errors.UserError as error:

@@ -34,7 +34,8 @@ def imported(tmp_path_factory):
   plain = torchvision_layout.random_state_dict(False, WIDTH, 2, seed=2)
   command = [sys.executable, "-m", "flax_detector.import_weights", f"--source={folder / 'plain.safetensors'}",
              f"--workdir={folder / 'plain'}", "--config=configs/vgg16.py:cpu",
-             f"--config.model.width_multiplier={WIDTH}", f"--config.image_size={IMAGE_SIZE}", "--config.data.eval_grid=1"]
+             f"--config.model.width_multiplier={WIDTH}", f"--config.image_size={IMAGE_SIZE}",
+             "--config.data.eval_grid=1"]
   torchvision_layout.save(plain, folder / "plain.safetensors")
   done = subprocess.run(command, capture_output=True, text=True, check=False,
                         cwd=os.path.dirname(os.path.dirname(__file__)))
@@ -124,6 +125,7 @@ def test_width_mismatch_names_the_tensor_and_both_shapes(tmp_path):
     import_weights.import_weights(source, str(tmp_path / "out"), _config(model__width_multiplier=1 / 8))
   assert "features.0.weight has shape (4, 3, 3, 3), the model needs (8, 3, 3, 3)" in str(raised.value)
   assert "model.width_multiplier=0.125" in str(raised.value)
+  assert "init_from" not in str(raised.value)  # that hint is for a head with another class count only
   assert not (tmp_path / "out" / "checkpoints").exists()
 
 
