@@ -269,9 +269,14 @@ def make_iterator(dataset: grain.MapDataset, worker_count: int, worker_buffer_si
                   start: int = 0) -> grain.DatasetIterator:
   """Iterates `dataset` from element `start`, decoding in `worker_count` Grain processes.
 
-  The workers exit when this process dies, even by SIGKILL (see worker_lifetime).
+  Each process (a worker, or this one when worker_count is 0) decodes one batch at a time and keeps
+  at most `worker_buffer_size` ready. Grain's default ReadOptions would run 16 threads per process
+  that read up to 500 batches ahead: on a small CPU they take the cores the step needs, and over an
+  endlessly repeated eval split they would decode it again and again, unasked. The workers exit
+  when this process dies, even by SIGKILL (see worker_lifetime).
   """
-  iter_dataset = dataset[start:].to_iter_dataset()
+  read_options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=worker_buffer_size)
+  iter_dataset = dataset[start:].to_iter_dataset(read_options)
   if worker_count > 0:
     iter_dataset = iter_dataset.mp_prefetch(
         grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=worker_buffer_size),
