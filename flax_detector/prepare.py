@@ -213,7 +213,8 @@ def main(argv: list[str]) -> None:
     prepare(options.data_dir, options.out, options.class_names, options.num_shards, options.overwrite,
             options.num_threads)
   except (OSError, ValueError) as error:
-    sys.exit(f"error: {error}")
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)  # A path or setting the person can fix: exit 2, as main, audit, evaluate and predict do.
 
 
 if __name__ == "__main__":
