@@ -52,6 +52,22 @@ def adaptive_avg_pool(x: jnp.ndarray, output_side: int) -> jnp.ndarray:
   return jnp.einsum("ih,nhwc,jw->nijc", rows, x, cols)
 
 
+def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
+  """nn.max_pool(x, (2, 2), strides=(2, 2)) on NHWC; on CPU computed as a max over a reshape.
+
+  XLA's CPU backend expands the gradient of a pooling window (select-and-scatter) into index iotas of the
+  whole activation, a variadic reduce-window and a scatter: about a third of the cpu preset's train step.
+  The reshape's gradient is elementwise. The forward pass is the same; the gradient differs only where a
+  window holds several equal maxima (shared between them instead of given to one), which after a ReLU
+  are zeros whose gradient the ReLU drops anyway. Other backends keep nn.max_pool.
+  """
+  if jax.default_backend() != "cpu":
+    return nn.max_pool(x, (2, 2), strides=(2, 2))
+  batch, height, width, channels = x.shape
+  x = x[:, :height // 2 * 2, :width // 2 * 2]  # VALID pooling drops an odd last row or column
+  return x.reshape(batch, height // 2, 2, width // 2, 2, channels).max(axis=(2, 4))
+
+
 class VGG16(nn.Module):
   """VGG16 classifier over uint8 NHWC images; returns float32 logits.
 
@@ -86,7 +102,7 @@ class VGG16(nn.Module):
       if index == len(self.stages) - 1:
         self.sow("intermediates", LAST_CONV_FEATURES, x)
         x = self.perturb(LAST_CONV_FEATURES, x)
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = max_pool_2x2(x)
     x = adaptive_avg_pool(x, POOLED_SIDE)
     if self.frozen_features:
       x = jax.lax.stop_gradient(x)

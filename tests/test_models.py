@@ -1,9 +1,12 @@
+import functools
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flax_detector.models import VGG16, adaptive_avg_pool, view_averaged_log_probs
+from flax_detector.models import VGG16, adaptive_avg_pool, max_pool_2x2, view_averaged_log_probs
 
 
 def _param_count(model: VGG16, side: int = 224) -> int:
@@ -66,3 +69,18 @@ def test_view_averaged_log_probs_average_each_images_views():
   np.testing.assert_allclose(jnp.exp(log_probs).sum(-1), 1.0, rtol=1e-6)
   single = view_averaged_log_probs(apply_fn, None, images[:, :1])
   np.testing.assert_allclose(single, jax.nn.log_softmax(per_image_logits[jnp.array([0, 2])], axis=-1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("side", [8, 9])
+def test_cpu_max_pool_matches_flax_max_pool_and_its_gradient(side):
+  """models.max_pool_2x2 (a reshape's max on CPU) against nn.max_pool, after a ReLU as in the model."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, side, side, 3))
+  cotangent = jax.random.normal(jax.random.PRNGKey(1), (2, side // 2, side // 2, 3))
+
+  def pooled_dot(pool, x):
+    return jnp.sum(pool(jax.nn.relu(x)) * cotangent)
+
+  flax_pool = functools.partial(nn.max_pool, window_shape=(2, 2), strides=(2, 2))
+  np.testing.assert_array_equal(max_pool_2x2(jax.nn.relu(x)), flax_pool(jax.nn.relu(x)))
+  np.testing.assert_allclose(jax.grad(functools.partial(pooled_dot, max_pool_2x2))(x),
+                             jax.grad(functools.partial(pooled_dot, flax_pool))(x), rtol=1e-6, atol=1e-7)
