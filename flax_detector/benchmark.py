@@ -32,8 +32,16 @@ flags.DEFINE_integer("e2e_steps", 100, "Training steps of the end-to-end run (th
                      "first and last logged loss).")
 flags.DEFINE_bool("compare_torch", False, "Also time benchmarks/torch_reference.py (pip install -e '.[bench]').")
 flags.DEFINE_bool("torch_compile", True, "With --compare_torch, also time torch.compile (once, after the rounds).")
+flags.DEFINE_integer("torch_threads", 0, "PyTorch's intra-op threads (torch.set_num_threads); 0 keeps its default, one "
+                     "per core. On a CPU other jobs are using, PyTorch's spinning OpenMP threads slow down many times "
+                     "over; 1 thread then shows what it can do.")
 flags.DEFINE_integer("torch_timeout", 900, "Seconds each PyTorch run may take, compilation included.")
 flags.mark_flag_as_required("config")
+
+
+def _run_torch(experiment: Any, mode: str) -> dict[str, Any]:
+  args = throughput.torch_reference_args(experiment, mode, FLAGS.steps, FLAGS.warmup, FLAGS.torch_threads)
+  return throughput.run_torch_reference(args, FLAGS.torch_timeout)
 
 
 def _step_with_torch(experiment: Any) -> dict[str, Any]:
@@ -43,8 +51,7 @@ def _step_with_torch(experiment: Any) -> dict[str, Any]:
   for _ in range(FLAGS.rounds):
     best_jax = min(best_jax, timer.run(FLAGS.steps))
     if FLAGS.compare_torch:
-      result = throughput.run_torch_reference(
-          throughput.torch_reference_args(experiment, "eager", FLAGS.steps, FLAGS.warmup), FLAGS.torch_timeout)
+      result = _run_torch(experiment, "eager")
       if torch_eager is None or result.get("torch_images_per_second", 0) > torch_eager.get(
           "torch_images_per_second", 0):
         torch_eager = result
@@ -52,8 +59,7 @@ def _step_with_torch(experiment: Any) -> dict[str, Any]:
   if FLAGS.compare_torch:
     results.update(_torch_side("eager", torch_eager, results["train_images_per_second"]))
     if FLAGS.torch_compile:
-      compiled = throughput.run_torch_reference(
-          throughput.torch_reference_args(experiment, "compile", FLAGS.steps, FLAGS.warmup), FLAGS.torch_timeout)
+      compiled = _run_torch(experiment, "compile")
       results.update(_torch_side("compile", compiled, results["train_images_per_second"]))
   return results
 

@@ -199,7 +199,7 @@ def measure_end_to_end(config: ml_collections.ConfigDict, steps: int) -> dict[st
           "e2e_after_loop_seconds": total_seconds - (last_time - start)}
 
 
-def torch_reference_args(experiment: Any, mode: str, steps: int, warmup: int) -> list[str]:
+def torch_reference_args(experiment: Any, mode: str, steps: int, warmup: int, threads: int = 0) -> list[str]:
   """benchmarks/torch_reference.py's arguments for the experiment's model, batch, dtype and optimizer."""
   config = experiment.config
   device = {"gpu": "cuda", "cpu": "cpu"}.get(jax.default_backend())
@@ -212,7 +212,7 @@ def torch_reference_args(experiment: Any, mode: str, steps: int, warmup: int) ->
           f"--learning_rate={config.learning_rate}", f"--weight_decay={config.weight_decay}",
           f"--grad_clip_norm={config.grad_clip_norm}",
           f"--warmup_steps={max(1, int(config.warmup_epochs * experiment.steps_per_epoch))}",
-          f"--total_steps={experiment.total_steps}", f"--steps={steps}", f"--warmup={warmup}"]
+          f"--total_steps={experiment.total_steps}", f"--steps={steps}", f"--warmup={warmup}", f"--threads={threads}"]
 
 
 def run_torch_reference(args: list[str], timeout_seconds: float) -> dict[str, Any]:
