@@ -13,9 +13,9 @@ the same machine at the same time; each side's figure is its best round.
 import json
 from typing import Any
 
-from absl import app, flags, logging
 import jax
 import ml_collections
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from flax_detector import config_validation, distributed, throughput
