@@ -46,10 +46,17 @@ def vgg16(num_classes: int, batch_norm: bool, width_multiplier: float, dropout_r
     layers.append(nn.MaxPool2d(2, 2))
   hidden = scaled_width(CLASSIFIER_WIDTH, width_multiplier)
   return nn.Sequential(
-      *layers, nn.AdaptiveAvgPool2d(7), nn.Flatten(),
-      nn.Linear(channels * 49, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout_rate),
-      nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout_rate),
-      nn.Linear(hidden, num_classes))
+    *layers,
+    nn.AdaptiveAvgPool2d(7),
+    nn.Flatten(),
+    nn.Linear(channels * 49, hidden),
+    nn.ReLU(inplace=True),
+    nn.Dropout(dropout_rate),
+    nn.Linear(hidden, hidden),
+    nn.ReLU(inplace=True),
+    nn.Dropout(dropout_rate),
+    nn.Linear(hidden, num_classes),
+  )
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -69,12 +76,14 @@ def create_optimizer(model: nn.Module, args: argparse.Namespace) -> tuple[torch.
   # optax.adamw's defaults: b1 0.9, b2 0.999, eps 1e-8. Fused kernels where this torch has them.
   optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.999), eps=1e-8, fused=True)
   schedule = torch.optim.lr_scheduler.LambdaLR(
-      optimizer, lambda step: warmup_cosine(step, args.warmup_steps, args.total_steps))
+    optimizer, lambda step: warmup_cosine(step, args.warmup_steps, args.total_steps)
+  )
   return optimizer, schedule
 
 
-def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, schedule, args: argparse.Namespace,
-                    device: torch.device):
+def make_train_step(
+  model: nn.Module, optimizer: torch.optim.Optimizer, schedule, args: argparse.Namespace, device: torch.device
+):
   """One step on a uint8 NHWC batch: normalise, forward, weighted cross-entropy, clip, AdamW."""
   mean = torch.tensor(RGB_MEAN, device=device).view(1, 3, 1, 1)
   std = torch.tensor(RGB_STD, device=device).view(1, 3, 1, 1)
@@ -119,8 +128,9 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
   optimizer, schedule = create_optimizer(model, args)
   step = make_train_step(model, optimizer, schedule, args, device)
   generator = torch.Generator().manual_seed(0)
-  images = torch.randint(0, 256, (args.batch_size, args.image_size, args.image_size, 3), dtype=torch.uint8,
-                         generator=generator).to(device)
+  images = torch.randint(
+    0, 256, (args.batch_size, args.image_size, args.image_size, 3), dtype=torch.uint8, generator=generator
+  ).to(device)
   labels = torch.randint(0, args.num_classes, (args.batch_size,), generator=generator).to(device)
   start = time.perf_counter()
   step(images, labels)
@@ -134,9 +144,15 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
     step(images, labels)
   synchronize(device)
   seconds = time.perf_counter() - start
-  return {"torch_mode": args.mode, "torch_images_per_second": args.steps * args.batch_size / seconds,
-          "torch_steps_per_second": args.steps / seconds, "torch_first_step_seconds": first_step_seconds,
-          "torch_version": torch.__version__, "torch_threads": torch.get_num_threads(), "torch_device": str(device)}
+  return {
+    "torch_mode": args.mode,
+    "torch_images_per_second": args.steps * args.batch_size / seconds,
+    "torch_steps_per_second": args.steps / seconds,
+    "torch_first_step_seconds": first_step_seconds,
+    "torch_version": torch.__version__,
+    "torch_threads": torch.get_num_threads(),
+    "torch_device": str(device),
+  }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -147,8 +163,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--image_size", type=int, default=64)
   parser.add_argument("--width_multiplier", type=float, default=1.0)
   parser.add_argument("--batch_norm", action=argparse.BooleanOptionalAction, default=True)
-  parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                      help="Autocast compute dtype; parameters stay float32 (flax_detector's model.dtype).")
+  parser.add_argument(
+    "--dtype",
+    choices=("float32", "bfloat16", "float16"),
+    default="float32",
+    help="Autocast compute dtype; parameters stay float32 (flax_detector's model.dtype).",
+  )
   parser.add_argument("--num_classes", type=int, default=2)
   parser.add_argument("--dropout_rate", type=float, default=0.5)
   parser.add_argument("--learning_rate", type=float, default=1e-3)

@@ -11,15 +11,15 @@ the test accuracy of any detector trained on the folder says little about what i
 prints a short summary to stderr.
 """
 
-from collections.abc import Sequence
 import dataclasses
 import json
 import sys
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 from absl import app, flags
 from etils import epath
-import numpy as np
 
 from flax_detector import workdir as workdir_module
 from flax_detector.data.folder import DEFAULT_MAX_IMAGE_PIXELS, list_images
@@ -36,15 +36,15 @@ MIN_LEAF = 5
 # Single features in the order ties are broken: the plainest explanation of a shortcut first.
 # Each entry: feature name, the words used in the finding.
 _FEATURES = (
-    ("width", "width"),
-    ("height", "height"),
-    ("log_pixels", "pixel count"),
-    ("aspect", "aspect ratio (w/h)"),
-    ("bytes_per_pixel", "bytes per pixel"),
-    ("format", "file format"),
-    ("mode", "colour mode"),
-    ("jpeg_quality", "JPEG quality"),
-    ("would_pad", "padding"),
+  ("width", "width"),
+  ("height", "height"),
+  ("log_pixels", "pixel count"),
+  ("aspect", "aspect ratio (w/h)"),
+  ("bytes_per_pixel", "bytes per pixel"),
+  ("format", "file format"),
+  ("mode", "colour mode"),
+  ("jpeg_quality", "JPEG quality"),
+  ("would_pad", "padding"),
 )
 
 
@@ -82,17 +82,18 @@ def _group_stats(infos: Sequence[ImageInfo], crop_size: int) -> dict[str, Any]:
   height = np.array([info.height for info in infos], np.float64)
   qualities = [info.jpeg_quality for info in infos if info.format == "JPEG" and info.jpeg_quality is not None]
   return {
-      "count": len(infos),
-      "width": _percentiles(width),
-      "height": _percentiles(height),
-      "aspect": _percentiles(width / np.maximum(height, 1)),
-      "bytes_per_pixel": _percentiles(np.array([info.num_bytes for info in infos]) / np.maximum(width * height, 1)),
-      "pixels": _percentiles(width * height),
-      "format": _shares([info.format for info in infos]) if infos else {},
-      "mode": _shares([info.mode for info in infos]) if infos else {},
-      "jpeg_quality": ({"median": float(np.median(qualities)), "min": min(qualities), "max": max(qualities)}
-                       if qualities else None),
-      "pad_share": round(float(np.mean([_would_pad(info, crop_size) for info in infos])), 4) if infos else None,
+    "count": len(infos),
+    "width": _percentiles(width),
+    "height": _percentiles(height),
+    "aspect": _percentiles(width / np.maximum(height, 1)),
+    "bytes_per_pixel": _percentiles(np.array([info.num_bytes for info in infos]) / np.maximum(width * height, 1)),
+    "pixels": _percentiles(width * height),
+    "format": _shares([info.format for info in infos]) if infos else {},
+    "mode": _shares([info.mode for info in infos]) if infos else {},
+    "jpeg_quality": (
+      {"median": float(np.median(qualities)), "min": min(qualities), "max": max(qualities)} if qualities else None
+    ),
+    "pad_share": round(float(np.mean([_would_pad(info, crop_size) for info in infos])), 4) if infos else None,
   }
 
 
@@ -106,8 +107,13 @@ def feature_matrix(infos: Sequence[ImageInfo], crop_size: int) -> tuple[np.ndarr
   height = np.array([info.height for info in infos], np.float64)
   pixels = np.maximum(width * height, 1)
   quality = [info.jpeg_quality if info.format == "JPEG" else None for info in infos]
-  columns = [width, height, np.log(pixels), width / np.maximum(height, 1),
-             np.array([info.num_bytes for info in infos], np.float64) / pixels]
+  columns = [
+    width,
+    height,
+    np.log(pixels),
+    width / np.maximum(height, 1),
+    np.array([info.num_bytes for info in infos], np.float64) / pixels,
+  ]
   names = ["width", "height", "log_pixels", "aspect", "bytes_per_pixel"]
   groups = list(names)
   for group, values in (("format", [info.format for info in infos]), ("mode", [info.mode for info in infos])):
@@ -151,8 +157,7 @@ def _best_split(x: np.ndarray, y: np.ndarray, num_classes: int, min_leaf: int) -
   return best
 
 
-def fit_tree(x: np.ndarray, y: np.ndarray, num_classes: int, depth: int = TREE_DEPTH,
-             min_leaf: int = MIN_LEAF) -> Any:
+def fit_tree(x: np.ndarray, y: np.ndarray, num_classes: int, depth: int = TREE_DEPTH, min_leaf: int = MIN_LEAF) -> Any:
   """A Gini decision tree: a class index at a leaf, (column, threshold, left, right) at a node.
 
   Depth 3 is enough to express "small PNG" or "512-px JPEG of quality 90" and small enough that its
@@ -166,8 +171,12 @@ def fit_tree(x: np.ndarray, y: np.ndarray, num_classes: int, depth: int = TREE_D
     return majority
   column, threshold = split
   goes_left = x[:, column] <= threshold
-  return (column, threshold, fit_tree(x[goes_left], y[goes_left], num_classes, depth - 1, min_leaf),
-          fit_tree(x[~goes_left], y[~goes_left], num_classes, depth - 1, min_leaf))
+  return (
+    column,
+    threshold,
+    fit_tree(x[goes_left], y[goes_left], num_classes, depth - 1, min_leaf),
+    fit_tree(x[~goes_left], y[~goes_left], num_classes, depth - 1, min_leaf),
+  )
 
 
 def predict_tree(tree: Any, x: np.ndarray) -> np.ndarray:
@@ -194,8 +203,14 @@ def stratified_folds(y: np.ndarray, num_folds: int = NUM_FOLDS, seed: int = 0) -
   return folds
 
 
-def cross_validated_accuracy(x: np.ndarray, y: np.ndarray, num_classes: int, depth: int = TREE_DEPTH,
-                             min_leaf: int = MIN_LEAF, num_folds: int = NUM_FOLDS) -> float:
+def cross_validated_accuracy(
+  x: np.ndarray,
+  y: np.ndarray,
+  num_classes: int,
+  depth: int = TREE_DEPTH,
+  min_leaf: int = MIN_LEAF,
+  num_folds: int = NUM_FOLDS,
+) -> float:
   """Share of records a tree fitted on the other folds classifies correctly."""
   folds = stratified_folds(y, num_folds)
   correct = 0
@@ -213,8 +228,13 @@ def _range_text(low: float, high: float, unit: str, digits: int) -> str:
 
 def _class_description(feature: str, stats: dict[str, Any], crop_size: int) -> str:
   """How one class looks on one feature, e.g. '80–128 px' or '100% PNG'."""
-  numeric = {"width": ("width", " px", 0), "height": ("height", " px", 0), "log_pixels": ("pixels", " pixels", 0),
-             "aspect": ("aspect", "", 2), "bytes_per_pixel": ("bytes_per_pixel", " bytes/px", 2)}
+  numeric = {
+    "width": ("width", " px", 0),
+    "height": ("height", " px", 0),
+    "log_pixels": ("pixels", " pixels", 0),
+    "aspect": ("aspect", "", 2),
+    "bytes_per_pixel": ("bytes_per_pixel", " bytes/px", 2),
+  }
   if feature in numeric:
     key, unit, digits = numeric[feature]
     return _range_text(stats[key]["min"], stats[key]["max"], unit, digits)
@@ -231,38 +251,58 @@ def _class_description(feature: str, stats: dict[str, Any], crop_size: int) -> s
   return f"{stats['pad_share']:.0%} smaller than the {crop_size}-px crop"
 
 
-def _also_separating(feature: str, single: dict[str, float], chance: float, pooled: dict[str, dict[str, Any]],
-                     crop_size: int) -> str:
-  """"; width also does (0.93: ...)" for every other feature that alone beats chance by the margin.
+def _also_separating(
+  feature: str, single: dict[str, float], chance: float, pooled: dict[str, dict[str, Any]], crop_size: int
+) -> str:
+  """ "; width also does (0.93: ...)" for every other feature that alone beats chance by the margin.
 
   On the public data size and format both give the class away; naming only one would hide the other.
   """
-  others = [(name, accuracy) for name, accuracy in sorted(single.items(), key=lambda item: -item[1])
-            if name != feature and accuracy >= chance + SHORTCUT_MARGIN]
+  others = [
+    (name, accuracy)
+    for name, accuracy in sorted(single.items(), key=lambda item: -item[1])
+    if name != feature and accuracy >= chance + SHORTCUT_MARGIN
+  ]
   parts = []
   for name, accuracy in others[:3]:
-    described = ", ".join(f"{class_name} {_class_description(name, stats, crop_size)}"
-                          for class_name, stats in pooled.items() if stats["count"])
+    described = ", ".join(
+      f"{class_name} {_class_description(name, stats, crop_size)}"
+      for class_name, stats in pooled.items()
+      if stats["count"]
+    )
     parts.append(f"{dict(_FEATURES)[name]} {accuracy:.2f} ({described})")
   return f"; alone, these also beat chance: {'; '.join(parts)}" if parts else ""
 
 
-def _finding(feature: str, single: dict[str, float], metadata_accuracy: float, chance: float,
-             pooled: dict[str, dict[str, Any]], crop_size: int) -> str:
+def _finding(
+  feature: str,
+  single: dict[str, float],
+  metadata_accuracy: float,
+  chance: float,
+  pooled: dict[str, dict[str, Any]],
+  crop_size: int,
+) -> str:
   """One sentence a person can act on: which feature, how each class looks on it, how well it predicts."""
   label = dict(_FEATURES)[feature]
   feature_accuracy = single[feature]
-  per_class = ", ".join(f"{name} {_class_description(feature, stats, crop_size)}"
-                        for name, stats in pooled.items() if stats["count"])
+  per_class = ", ".join(
+    f"{name} {_class_description(feature, stats, crop_size)}" for name, stats in pooled.items() if stats["count"]
+  )
   if metadata_accuracy < chance + SHORTCUT_MARGIN:
-    return (f"metadata does not separate the classes: held-out accuracy {metadata_accuracy:.2f} is at chance "
-            f"{chance:.2f} (within {SHORTCUT_MARGIN:.2f}; strongest feature {label}, {feature_accuracy:.2f}: "
-            f"{per_class})")
+    return (
+      f"metadata does not separate the classes: held-out accuracy {metadata_accuracy:.2f} is at chance "
+      f"{chance:.2f} (within {SHORTCUT_MARGIN:.2f}; strongest feature {label}, {feature_accuracy:.2f}: "
+      f"{per_class})"
+    )
   if feature_accuracy >= chance + SHORTCUT_MARGIN:
-    return (f"{label} alone separates the classes: {per_class} (held-out accuracy {feature_accuracy:.2f} "
-            f"vs chance {chance:.2f}){_also_separating(feature, single, chance, pooled, crop_size)}")
-  return (f"metadata features together separate the classes (held-out accuracy {metadata_accuracy:.2f} vs "
-          f"chance {chance:.2f}); the strongest single one, {label}, reaches {feature_accuracy:.2f}: {per_class}")
+    return (
+      f"{label} alone separates the classes: {per_class} (held-out accuracy {feature_accuracy:.2f} "
+      f"vs chance {chance:.2f}){_also_separating(feature, single, chance, pooled, crop_size)}"
+    )
+  return (
+    f"metadata features together separate the classes (held-out accuracy {metadata_accuracy:.2f} vs "
+    f"chance {chance:.2f}); the strongest single one, {label}, reaches {feature_accuracy:.2f}: {per_class}"
+  )
 
 
 def _overlap_ranges(pooled: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -288,34 +328,42 @@ def audit_records(records: Sequence[AuditRecord], class_names: Sequence[str], cr
     raise ValueError("no readable images to audit")
   splits = [split for split in SPLITS if any(r.split == split for r in records)]
   splits += sorted({r.split for r in records} - set(splits))
-  per_class = {split: {name: _group_stats([r.info for r in records if r.split == split and r.label == label],
-                                          crop_size)
-                       for label, name in enumerate(class_names)} for split in splits}
-  pooled = {name: _group_stats([r.info for r in records if r.label == label], crop_size)
-            for label, name in enumerate(class_names)}
+  per_class = {
+    split: {
+      name: _group_stats([r.info for r in records if r.split == split and r.label == label], crop_size)
+      for label, name in enumerate(class_names)
+    }
+    for split in splits
+  }
+  pooled = {
+    name: _group_stats([r.info for r in records if r.label == label], crop_size)
+    for label, name in enumerate(class_names)
+  }
 
   x, _, groups = feature_matrix([r.info for r in records], crop_size)
   y = np.array([r.label for r in records], np.int64)
   num_classes = len(class_names)
   chance = float(np.bincount(y, minlength=num_classes).max() / len(y))
   metadata_accuracy = cross_validated_accuracy(x, y, num_classes)
-  single = {feature: cross_validated_accuracy(x[:, [g == feature for g in groups]], y, num_classes, depth=1)
-            for feature, _ in _FEATURES}
+  single = {
+    feature: cross_validated_accuracy(x[:, [g == feature for g in groups]], y, num_classes, depth=1)
+    for feature, _ in _FEATURES
+  }
   strongest = max(single, key=lambda feature: single[feature])  # first of equals: _FEATURES' order
   return {
-      "num_records": len(records),
-      "crop_size": crop_size,
-      "class_names": list(class_names),
-      "per_class": per_class,
-      "pooled": pooled,
-      "metadata_accuracy": round(metadata_accuracy, 4),
-      "chance_accuracy": round(chance, 4),
-      "shortcut": bool(metadata_accuracy >= chance + SHORTCUT_MARGIN),
-      "strongest_feature": strongest,
-      "strongest_feature_accuracy": round(single[strongest], 4),
-      "single_feature_accuracy": {feature: round(accuracy, 4) for feature, accuracy in single.items()},
-      "finding": _finding(strongest, single, metadata_accuracy, chance, pooled, crop_size),
-      "overlap_ranges": _overlap_ranges(pooled),
+    "num_records": len(records),
+    "crop_size": crop_size,
+    "class_names": list(class_names),
+    "per_class": per_class,
+    "pooled": pooled,
+    "metadata_accuracy": round(metadata_accuracy, 4),
+    "chance_accuracy": round(chance, 4),
+    "shortcut": bool(metadata_accuracy >= chance + SHORTCUT_MARGIN),
+    "strongest_feature": strongest,
+    "strongest_feature_accuracy": round(single[strongest], 4),
+    "single_feature_accuracy": {feature: round(accuracy, 4) for feature, accuracy in single.items()},
+    "finding": _finding(strongest, single, metadata_accuracy, chance, pooled, crop_size),
+    "overlap_ranges": _overlap_ranges(pooled),
   }
 
 
@@ -332,12 +380,20 @@ def overlap_mask(audit: dict[str, Any], infos: Sequence[ImageInfo]) -> np.ndarra
     return np.zeros(len(infos), bool)
   width_low, width_high = ranges["width"]
   height_low, height_high = ranges["height"]
-  return np.array([width_low <= info.width <= width_high and height_low <= info.height <= height_high
-                   and info.format in ranges["format"] for info in infos], bool)
+  return np.array(
+    [
+      width_low <= info.width <= width_high
+      and height_low <= info.height <= height_high
+      and info.format in ranges["format"]
+      for info in infos
+    ],
+    bool,
+  )
 
 
-def audit_folder(data_dir: str, class_names: Sequence[str], crop_size: int, max_pixels: int,
-                 cache_path: epath.Path | None = None) -> dict[str, Any]:
+def audit_folder(
+  data_dir: str, class_names: Sequence[str], crop_size: int, max_pixels: int, cache_path: epath.Path | None = None
+) -> dict[str, Any]:
   """Probes <data_dir>/{train,test}/<class>/** and audits the readable images.
 
   Missing split or class folders are audited as empty rather than refused: the audit is a look at
@@ -346,8 +402,13 @@ def audit_folder(data_dir: str, class_names: Sequence[str], crop_size: int, max_
   root = epath.Path(data_dir)
   if not root.is_dir():
     raise FileNotFoundError(f"{data_dir}: no such folder; give a folder holding train/ and test/")
-  located = [(split, label, str(path)) for split in SPLITS for label, name in enumerate(class_names)
-             if (root / split / name).is_dir() for path in list_images(root / split / name)]
+  located = [
+    (split, label, str(path))
+    for split in SPLITS
+    for label, name in enumerate(class_names)
+    if (root / split / name).is_dir()
+    for path in list_images(root / split / name)
+  ]
   if not located:
     raise FileNotFoundError(f"{data_dir}: no images under {{{','.join(SPLITS)}}}/{{{','.join(class_names)}}}/")
   infos = probe_files([path for _, _, path in located], max_pixels, cache_path)
@@ -359,14 +420,18 @@ def audit_folder(data_dir: str, class_names: Sequence[str], crop_size: int, max_
 
 def summary_lines(audit: dict[str, Any]) -> list[str]:
   """A few lines for the training log; the caller warns loudly when audit["shortcut"] is true."""
-  verdict = ("SHORTCUT: a detector can score this without learning generator traces" if audit["shortcut"]
-             else "no metadata shortcut")
-  pads = ", ".join(f"{name} {stats['pad_share']:.0%}" for name, stats in audit["pooled"].items()
-                   if stats["count"])
-  lines = [f"Dataset audit: {audit['finding']}",
-           f"Metadata-only classifier: held-out accuracy {audit['metadata_accuracy']:.2f} vs chance "
-           f"{audit['chance_accuracy']:.2f} ({verdict})",
-           f"Zero-padded by the {audit['crop_size']}-px crop: {pads}"]
+  verdict = (
+    "SHORTCUT: a detector can score this without learning generator traces"
+    if audit["shortcut"]
+    else "no metadata shortcut"
+  )
+  pads = ", ".join(f"{name} {stats['pad_share']:.0%}" for name, stats in audit["pooled"].items() if stats["count"])
+  lines = [
+    f"Dataset audit: {audit['finding']}",
+    f"Metadata-only classifier: held-out accuracy {audit['metadata_accuracy']:.2f} vs chance "
+    f"{audit['chance_accuracy']:.2f} ({verdict})",
+    f"Zero-padded by the {audit['crop_size']}-px crop: {pads}",
+  ]
   if audit.get("num_unreadable"):
     lines.append(f"{audit['num_unreadable']} unreadable file(s) left out of the audit")
   return lines

@@ -28,13 +28,20 @@ flags.DEFINE_list("parts", list(PARTS), f"What to measure, any of {','.join(PART
 flags.DEFINE_integer("steps", 20, "Timed steps (or input batches) per round, after the warm-up.")
 flags.DEFINE_integer("warmup", 3, "Untimed steps or batches first (compilation, worker start-up).")
 flags.DEFINE_integer("rounds", 3, "Timed rounds of the train and eval steps; the best round counts.")
-flags.DEFINE_integer("e2e_steps", 100, "Training steps of the end-to-end run (the loop's rate is timed between its "
-                     "first and last logged loss).")
+flags.DEFINE_integer(
+  "e2e_steps",
+  100,
+  "Training steps of the end-to-end run (the loop's rate is timed between its first and last logged loss).",
+)
 flags.DEFINE_bool("compare_torch", False, "Also time benchmarks/torch_reference.py (pip install -e '.[bench]').")
 flags.DEFINE_bool("torch_compile", True, "With --compare_torch, also time torch.compile (once, after the rounds).")
-flags.DEFINE_integer("torch_threads", 0, "PyTorch's intra-op threads (torch.set_num_threads); 0 keeps its default, one "
-                     "per core. On a CPU other jobs are using, PyTorch's spinning OpenMP threads slow down many times "
-                     "over; 1 thread then shows what it can do.")
+flags.DEFINE_integer(
+  "torch_threads",
+  0,
+  "PyTorch's intra-op threads (torch.set_num_threads); 0 keeps its default, one "
+  "per core. On a CPU other jobs are using, PyTorch's spinning OpenMP threads slow down many times "
+  "over; 1 thread then shows what it can do.",
+)
 flags.DEFINE_integer("torch_timeout", 900, "Seconds each PyTorch run may take, compilation included.")
 flags.mark_flag_as_required("config")
 
@@ -53,7 +60,8 @@ def _step_with_torch(experiment: Any) -> dict[str, Any]:
     if FLAGS.compare_torch:
       result = _run_torch(experiment, "eager")
       if torch_eager is None or result.get("torch_images_per_second", 0) > torch_eager.get(
-          "torch_images_per_second", 0):
+        "torch_images_per_second", 0
+      ):
         torch_eager = result
   results = timer.summary(best_jax, FLAGS.steps, throughput.peak_flops(experiment.config.model.dtype))
   if FLAGS.compare_torch:
@@ -77,10 +85,15 @@ def _measure(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
   experiment = train.build_experiment(config)
   config = experiment.config  # with the crop size the data supports
-  results: dict[str, Any] = {"platform": jax.default_backend(), "batch_size": config.batch_size,
-                             "image_size": config.image_size, "dtype": config.model.dtype,
-                             "width_multiplier": config.model.width_multiplier,
-                             "batch_norm": config.model.batch_norm, "jax_version": jax.__version__}
+  results: dict[str, Any] = {
+    "platform": jax.default_backend(),
+    "batch_size": config.batch_size,
+    "image_size": config.image_size,
+    "dtype": config.model.dtype,
+    "width_multiplier": config.model.width_multiplier,
+    "batch_norm": config.model.batch_norm,
+    "jax_version": jax.__version__,
+  }
   if "step" in FLAGS.parts:
     results.update(_step_with_torch(experiment))
   if "e2e" in FLAGS.parts:
@@ -97,15 +110,22 @@ def _measure(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def summary_lines(results: dict[str, Any]) -> list[str]:
   """The headline figures, one per line, for a person reading the terminal."""
   lines = []
-  for key, label in (("train_images_per_second", "train step alone"), ("e2e_images_per_second", "end to end"),
-                     ("torch_eager_images_per_second", "PyTorch eager"),
-                     ("torch_compile_images_per_second", "PyTorch torch.compile"),
-                     ("eval_images_per_second", "eval step alone"), ("input_images_per_second", "input pipeline")):
+  for key, label in (
+    ("train_images_per_second", "train step alone"),
+    ("e2e_images_per_second", "end to end"),
+    ("torch_eager_images_per_second", "PyTorch eager"),
+    ("torch_compile_images_per_second", "PyTorch torch.compile"),
+    ("eval_images_per_second", "eval step alone"),
+    ("input_images_per_second", "input pipeline"),
+  ):
     if key in results:
       lines.append(f"{label:>24}: {results[key]:10.1f} images/s")
-  for key, label in (("train_mfu", "MFU of the train step"), ("e2e_fraction_of_step", "end to end / step alone"),
-                     ("jax_over_torch_eager", "JAX / PyTorch eager"),
-                     ("jax_over_torch_compile", "JAX / torch.compile")):
+  for key, label in (
+    ("train_mfu", "MFU of the train step"),
+    ("e2e_fraction_of_step", "end to end / step alone"),
+    ("jax_over_torch_eager", "JAX / PyTorch eager"),
+    ("jax_over_torch_compile", "JAX / torch.compile"),
+  ):
     if key in results:
       lines.append(f"{label:>24}: {results[key]:10.3f}")
   lines += [f"{key:>24}: {results[key]}" for key in ("torch_eager_error", "torch_compile_error") if key in results]

@@ -16,6 +16,7 @@ NUM_ECE_BINS = 15
 
 class ReliabilityBins(NamedTuple):
   """Per-bin calibration statistics; `confidence` and `accuracy` are NaN in empty bins."""
+
   edges: np.ndarray  # float64[num_bins + 1], bin i is (edges[i], edges[i + 1]] (the first also holds 0)
   confidence: np.ndarray  # float64[num_bins], mean confidence of the predicted class
   accuracy: np.ndarray  # float64[num_bins], fraction of the bin's predictions that are right
@@ -150,16 +151,16 @@ def summarize(p: np.ndarray, y: np.ndarray, threshold: float) -> dict[str, Any]:
   class_recalls = [tn / (tn + fp)] if tn + fp else []
   class_recalls += [tp / (tp + fn)] if tp + fn else []
   return {
-      "accuracy": (tp + tn) / p.size,
-      "balanced_accuracy": float(np.mean(class_recalls)),
-      "precision": precision,
-      "recall": recall,
-      "f1": _ratio(2 * tp, 2 * tp + fp + fn),
-      "roc_auc": roc_auc(p, y),
-      "average_precision": average_precision(p, y),
-      "ece": expected_calibration_error(p, y),
-      "brier": float(np.mean((p - y) ** 2)),
-      "threshold": float(threshold),
-      "confusion_matrix": [[tn, fp], [fn, tp]],
-      "num_examples": int(p.size),
+    "accuracy": (tp + tn) / p.size,
+    "balanced_accuracy": float(np.mean(class_recalls)),
+    "precision": precision,
+    "recall": recall,
+    "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+    "roc_auc": roc_auc(p, y),
+    "average_precision": average_precision(p, y),
+    "ece": expected_calibration_error(p, y),
+    "brier": float(np.mean((p - y) ** 2)),
+    "threshold": float(threshold),
+    "confusion_matrix": [[tn, fp], [fn, tp]],
+    "num_examples": int(p.size),
   }

@@ -52,7 +52,10 @@ def fit_temperature(log_probs: np.ndarray, labels: np.ndarray) -> float:
   or randomness; a minimum beyond the bounds returns the nearest bound.
   """
   log_probs, labels = _check_log_probs(log_probs, labels)
-  loss = lambda log_t: _nll(log_probs, labels, math.exp(log_t))
+
+  def loss(log_t: float) -> float:
+    return _nll(log_probs, labels, math.exp(log_t))
+
   lo, hi = math.log(MIN_TEMPERATURE), math.log(MAX_TEMPERATURE)
   a, b = hi - _GOLDEN * (hi - lo), lo + _GOLDEN * (hi - lo)
   loss_a, loss_b = loss(a), loss(b)

@@ -12,19 +12,19 @@ older one, and folders of saves that never finished are removed at start. A save
 written (a full disk) stops the run with one message naming the step and the cause.
 """
 
-from collections.abc import Callable, Iterator
 import contextlib
 import dataclasses
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-from absl import logging
-from etils import epath
 import grain
 import jax
-from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
 
 from flax_detector import errors, workdir
 
@@ -47,8 +47,11 @@ class CheckpointWriteError(errors.RunStoppedError):
 
 def _item_handlers() -> dict[str, Any]:
   """Handlers for every item, so restoring or reading metadata of some items never warns about the others."""
-  return {_STATE: ocp.StandardCheckpointHandler(), _DATA: grain.checkpoint.CheckpointHandler(),
-          _TOPOLOGY: ocp.JsonCheckpointHandler()}
+  return {
+    _STATE: ocp.StandardCheckpointHandler(),
+    _DATA: grain.checkpoint.CheckpointHandler(),
+    _TOPOLOGY: ocp.JsonCheckpointHandler(),
+  }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,10 +68,11 @@ class Checkpointer:
   def __init__(self, directory: epath.PathLike, every_steps: int, max_to_keep: int, topology: Topology):
     policies = ocp.checkpoint_managers
     options = ocp.CheckpointManagerOptions(
-        save_decision_policy=policies.AnySavePolicy(
-            [policies.FixedIntervalPolicy(every_steps), policies.PreemptionCheckpointingPolicy()]),
-        preservation_policy=policies.LatestN(max_to_keep),
-        enable_async_checkpointing=True,
+      save_decision_policy=policies.AnySavePolicy(
+        [policies.FixedIntervalPolicy(every_steps), policies.PreemptionCheckpointingPolicy()]
+      ),
+      preservation_policy=policies.LatestN(max_to_keep),
+      enable_async_checkpointing=True,
     )
     self.directory = workdir.absolute(directory)
     self._topology = topology
@@ -76,8 +80,9 @@ class Checkpointer:
     self._failed = False
     if jax.process_index() == 0:
       remove_partial_saves(self.directory)
-    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(_STATE, _DATA, _TOPOLOGY),
-                                          item_handlers=_item_handlers())
+    self._manager = ocp.CheckpointManager(
+      self.directory, options=options, item_names=(_STATE, _DATA, _TOPOLOGY), item_handlers=_item_handlers()
+    )
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -99,16 +104,23 @@ class Checkpointer:
       return False
     self.wait_until_finished()  # Orbax waits for the previous save anyway; this names its step if it failed
     with self._writing(step):
-      started = self._manager.save(step, force=force, args=ocp.args.Composite(**{
-          _STATE: ocp.args.StandardSave(state),
-          _DATA: grain.checkpoint.CheckpointSave(data_iterator),
-          _TOPOLOGY: ocp.args.JsonSave(dataclasses.asdict(self._topology)),
-      }))
+      started = self._manager.save(
+        step,
+        force=force,
+        args=ocp.args.Composite(
+          **{
+            _STATE: ocp.args.StandardSave(state),
+            _DATA: grain.checkpoint.CheckpointSave(data_iterator),
+            _TOPOLOGY: ocp.args.JsonSave(dataclasses.asdict(self._topology)),
+          }
+        ),
+      )
     self._pending_step = step if started else self._pending_step
     return started
 
-  def restore_latest(self, abstract_state: Any, make_data_iterator: Callable[[int], grain.DatasetIterator]
-                     ) -> tuple[Any, grain.DatasetIterator] | None:
+  def restore_latest(
+    self, abstract_state: Any, make_data_iterator: Callable[[int], grain.DatasetIterator]
+  ) -> tuple[Any, grain.DatasetIterator] | None:
     """The newest checkpoint that restores (older ones are tried after a warning), or None if there is none.
 
     `abstract_state` gives shapes and shardings; `make_data_iterator(start_step)` builds the training
@@ -116,8 +128,9 @@ class Checkpointer:
     """
     if not self._manager.all_steps():
       return None
-    restored, step = newest_restorable(self._manager, self.directory,
-                                       lambda step: self.restore(step, abstract_state, make_data_iterator))
+    restored, step = newest_restorable(
+      self._manager, self.directory, lambda step: self.restore(step, abstract_state, make_data_iterator)
+    )
     self._set_aside_newer_than(step)
     logging.info("Resumed from checkpoint step %d in %s", step, self.directory)
     return restored
@@ -137,25 +150,32 @@ class Checkpointer:
       for later in newer:
         target = aside / f"{later}-{time.strftime('%Y%m%dT%H%M%S')}"
         (self.directory / str(later)).rename(target)
-        logging.warning("Moved the unrestorable checkpoint of step %d to %s; training continues from step %d.",
-                        later, target, step)
+        logging.warning(
+          "Moved the unrestorable checkpoint of step %d to %s; training continues from step %d.", later, target, step
+        )
     multihost_utils.sync_global_devices("flax_detector_checkpoints_set_aside")
     self._manager.reload()
 
-  def restore(self, step: int, abstract_state: Any,
-              make_data_iterator: Callable[[int], grain.DatasetIterator]) -> tuple[Any, grain.DatasetIterator]:
+  def restore(
+    self, step: int, abstract_state: Any, make_data_iterator: Callable[[int], grain.DatasetIterator]
+  ) -> tuple[Any, grain.DatasetIterator]:
     """Restores the state at `step` onto the shardings in `abstract_state`, and its data iterator."""
     self._check_fits(step, abstract_state)
     unusable_iterator = self._why_iterator_unusable(step)
     if unusable_iterator:
       logging.info("%s: positioning the data iterator at step %d (same data order).", unusable_iterator, step)
-      state = self._manager.restore(step, args=ocp.args.Composite(
-          **{_STATE: ocp.args.StandardRestore(abstract_state)}))[_STATE]
+      state = self._manager.restore(
+        step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract_state)})
+      )[_STATE]
       return state, make_data_iterator(step)
     data_iterator = make_data_iterator(0)
     try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(**{
-          _STATE: ocp.args.StandardRestore(abstract_state), _DATA: grain.checkpoint.CheckpointRestore(data_iterator)}))
+      restored = self._manager.restore(
+        step,
+        args=ocp.args.Composite(
+          **{_STATE: ocp.args.StandardRestore(abstract_state), _DATA: grain.checkpoint.CheckpointRestore(data_iterator)}
+        ),
+      )
     except BaseException:
       data_iterator.close()  # its worker processes may have started
       raise
@@ -165,8 +185,9 @@ class Checkpointer:
     """Why this run cannot restore the data iterator state saved with `step`, or None when it can."""
     if not (self.directory / str(step) / _DATA).exists():
       return f"Checkpoint {step} holds no data iterator (its weights were imported)"
-    saved_topology = Topology(**self._manager.restore(step, args=ocp.args.Composite(
-        **{_TOPOLOGY: ocp.args.JsonRestore()}))[_TOPOLOGY])
+    saved_topology = Topology(
+      **self._manager.restore(step, args=ocp.args.Composite(**{_TOPOLOGY: ocp.args.JsonRestore()}))[_TOPOLOGY]
+    )
     if saved_topology != self._topology:
       return f"Checkpoint {step} was written by {saved_topology}, this run is {self._topology}"
     return None
@@ -175,13 +196,17 @@ class Checkpointer:
     """Compares array names and shapes with the checkpoint's metadata before reading any array."""
     saved = _shapes_by_name(self._manager.item_metadata(step)[_STATE])
     expected = _shapes_by_name(abstract_state)
-    differences = [f"{name}: saved {saved.get(name)}, config needs {expected.get(name)}"
-                   for name in sorted(set(saved) | set(expected)) if saved.get(name) != expected.get(name)]
+    differences = [
+      f"{name}: saved {saved.get(name)}, config needs {expected.get(name)}"
+      for name in sorted(set(saved) | set(expected))
+      if saved.get(name) != expected.get(name)
+    ]
     if differences:
       raise CheckpointMismatchError(
-          f"{self.directory / str(step)}: this checkpoint does not fit the model and optimizer of the current config "
-          f"({len(differences)} arrays differ, e.g. {'; '.join(differences[:3])}). Resume with the config it was "
-          f"trained with (see config.json in the workdir) or use a new --workdir.")
+        f"{self.directory / str(step)}: this checkpoint does not fit the model and optimizer of the current config "
+        f"({len(differences)} arrays differ, e.g. {'; '.join(differences[:3])}). Resume with the config it was "
+        f"trained with (see config.json in the workdir) or use a new --workdir."
+      )
 
   def wait_until_finished(self) -> None:
     """Blocks until the pending save is written; raises CheckpointWriteError naming its step if it failed."""
@@ -209,9 +234,10 @@ class Checkpointer:
       self._failed = True
       where = f"at step {step}" if step is not None else "in progress"
       raise CheckpointWriteError(
-          f"checkpoint {where} could not be written: {cause.strerror or cause} ({cause.filename or self.directory}). "
-          f"Earlier checkpoints in {self.directory} are intact; free space or fix permissions, then run the "
-          f"same command again to resume.") from error
+        f"checkpoint {where} could not be written: {cause.strerror or cause} ({cause.filename or self.directory}). "
+        f"Earlier checkpoints in {self.directory} are intact; free space or fix permissions, then run the "
+        f"same command again to resume."
+      ) from error
 
   def __enter__(self) -> "Checkpointer":
     return self
@@ -235,8 +261,9 @@ def save_imported_state(directory: epath.PathLike, state: Any) -> None:
 
   Inference reads it like any checkpoint; training resumes from it at step 0 with a fresh data iterator.
   """
-  manager = ocp.CheckpointManager(workdir.absolute(directory), item_names=(_STATE, _DATA, _TOPOLOGY),
-                                  item_handlers=_item_handlers())
+  manager = ocp.CheckpointManager(
+    workdir.absolute(directory), item_names=(_STATE, _DATA, _TOPOLOGY), item_handlers=_item_handlers()
+  )
   try:
     manager.save(0, args=ocp.args.Composite(**{_STATE: ocp.args.StandardSave(state)}))
   finally:
@@ -264,8 +291,9 @@ def _one_line(error: BaseException) -> str:
   return f"{type(error).__name__}: {text[:240]}"
 
 
-def newest_restorable(manager: ocp.CheckpointManager, directory: epath.Path,
-                      restore_step: Callable[[int], _T]) -> tuple[_T, int]:
+def newest_restorable(
+  manager: ocp.CheckpointManager, directory: epath.Path, restore_step: Callable[[int], _T]
+) -> tuple[_T, int]:
   """(restore_step(step), step) for the newest step that restores; each newer one gets one warning line.
 
   A checkpoint that does not fit the config is not skipped: older ones would not fit either.
@@ -277,12 +305,17 @@ def newest_restorable(manager: ocp.CheckpointManager, directory: epath.Path,
     except CheckpointMismatchError:
       raise
     except Exception as error:  # pylint: disable=broad-except -- any unreadable checkpoint is skipped
-      logging.warning("Checkpoint step %d in %s cannot be restored (%s); trying the next older one.", step,
-                      directory, _one_line(error))
+      logging.warning(
+        "Checkpoint step %d in %s cannot be restored (%s); trying the next older one.",
+        step,
+        directory,
+        _one_line(error),
+      )
       failures.append(f"step {step}: {_one_line(error)}")
   raise NoUsableCheckpointError(
-      f"No checkpoint in {directory} can be restored ({'; '.join(failures) or 'none found'}). Train afresh with a "
-      f"new --workdir, or delete {directory} to start over in this one.")
+    f"No checkpoint in {directory} can be restored ({'; '.join(failures) or 'none found'}). Train afresh with a "
+    f"new --workdir, or delete {directory} to start over in this one."
+  )
 
 
 def _shapes_by_name(tree: Any) -> dict[str, tuple[int, ...]]:
@@ -291,18 +324,22 @@ def _shapes_by_name(tree: Any) -> dict[str, tuple[int, ...]]:
   def name(entry: Any) -> str:
     return str(getattr(entry, "key", getattr(entry, "name", getattr(entry, "idx", entry))))
 
-  return {"/".join(name(entry) for entry in path): tuple(leaf.shape)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {
+    "/".join(name(entry) for entry in path): tuple(leaf.shape)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs that tell Orbax where each restored array goes."""
-  return jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-                      abstract_state, shardings)
+  return jax.tree.map(
+    lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), abstract_state, shardings
+  )
 
 
-def restore_model_variables(directory: epath.PathLike, abstract_variables: Any,
-                            step: int | None = None) -> tuple[Any, int]:
+def restore_model_variables(
+  directory: epath.PathLike, abstract_variables: Any, step: int | None = None
+) -> tuple[Any, int]:
   """Restores only {"params", "batch_stats"} of a saved train state (no optimizer state), for inference.
 
   Returns (variables, step); `step` None means the newest checkpoint that restores (newer unreadable
@@ -310,15 +347,25 @@ def restore_model_variables(directory: epath.PathLike, abstract_variables: Any,
   """
   directory = workdir.absolute(directory)
   options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)  # no warnings
-  manager = ocp.CheckpointManager(directory, item_names=(_STATE, _DATA, _TOPOLOGY), options=options,
-                                  item_handlers={_STATE: ocp.PyTreeCheckpointHandler(),
-                                                 _DATA: grain.checkpoint.CheckpointHandler(),
-                                                 _TOPOLOGY: ocp.JsonCheckpointHandler()})
+  manager = ocp.CheckpointManager(
+    directory,
+    item_names=(_STATE, _DATA, _TOPOLOGY),
+    options=options,
+    item_handlers={
+      _STATE: ocp.PyTreeCheckpointHandler(),
+      _DATA: grain.checkpoint.CheckpointHandler(),
+      _TOPOLOGY: ocp.JsonCheckpointHandler(),
+    },
+  )
   restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_variables)
 
   def restore_step(step: int) -> Any:
-    return manager.restore(step, args=ocp.args.Composite(**{_STATE: ocp.args.PyTreeRestore(
-        item=abstract_variables, restore_args=restore_args, partial_restore=True)}))[_STATE]
+    return manager.restore(
+      step,
+      args=ocp.args.Composite(
+        **{_STATE: ocp.args.PyTreeRestore(item=abstract_variables, restore_args=restore_args, partial_restore=True)}
+      ),
+    )[_STATE]
 
   try:
     if step is not None:

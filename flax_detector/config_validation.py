@@ -2,10 +2,10 @@
 
 from collections.abc import Sequence
 
-from etils import epath
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 
 from flax_detector import sharding, workdir
 from flax_detector.data.folder import BAD_FILE_POLICIES
@@ -34,13 +34,17 @@ def _init_from_problem(path: str) -> str | None:
   if location.is_dir():
     if (location / workdir.CONFIG).exists() and (location / workdir.CHECKPOINTS).exists():
       return None
-    return (f"init_from={path}: a folder without {workdir.CONFIG} and {workdir.CHECKPOINTS}/; give a "
-            f"flax_detector workdir or a .safetensors file")
+    return (
+      f"init_from={path}: a folder without {workdir.CONFIG} and {workdir.CHECKPOINTS}/; give a "
+      f"flax_detector workdir or a .safetensors file"
+    )
   if not location.exists():
     return f"init_from={path}: no such file or folder; give a .safetensors state dict or a flax_detector workdir"
   if location.suffix in _PICKLE_SUFFIXES:
-    return (f"init_from={path}: a PyTorch pickle; convert it first: python -c \"import torch, safetensors.torch as "
-            f"st; st.save_file(torch.load('{path}', map_location='cpu'), 'weights.safetensors')\"")
+    return (
+      f'init_from={path}: a PyTorch pickle; convert it first: python -c "import torch, safetensors.torch as '
+      f"st; st.save_file(torch.load('{path}', map_location='cpu'), 'weights.safetensors')\""
+    )
   return None
 
 
@@ -51,8 +55,9 @@ def parse_class_weights(setting: str | Sequence[float], num_classes: int) -> str
   try:
     values = tuple(float(v) for v in (setting.split(",") if isinstance(setting, str) else setting))
   except ValueError as error:
-    raise ValueError(f"class_weights={setting!r}: use 'balanced', 'none' or {num_classes} numbers like "
-                     f"'1.0,2.0'") from error
+    raise ValueError(
+      f"class_weights={setting!r}: use 'balanced', 'none' or {num_classes} numbers like '1.0,2.0'"
+    ) from error
   if len(values) != num_classes or any(not np.isfinite(v) or v < 0 for v in values) or sum(values) == 0:
     raise ValueError(f"class_weights={setting!r}: need {num_classes} finite non-negative weights, not all zero")
   return values
@@ -62,13 +67,17 @@ def _source_checks(config: ml_collections.ConfigDict) -> list[tuple[bool, str]]:
   """Where the images come from and how they are loaded."""
   data = config.data
   return [
-      (0.0 <= data.val_fraction < 1.0, f"data.val_fraction={data.val_fraction}: must be in [0, 1)"),
-      (bool(data.dir) or len(data.class_names) == 2,
-       f"data.class_names={data.class_names}: the synthetic set (data.dir='') has exactly 2 classes"),
-      (bool(data.dir) or MIN_IMAGE_SIZE <= data.synthetic_min_side <= data.synthetic_max_side,
-       f"data.synthetic_min_side={data.synthetic_min_side}, data.synthetic_max_side={data.synthetic_max_side}: "
-       f"need {MIN_IMAGE_SIZE} <= min <= max"),
-      (data.worker_buffer_size >= 1, f"data.worker_buffer_size={data.worker_buffer_size}: must be >= 1"),
+    (0.0 <= data.val_fraction < 1.0, f"data.val_fraction={data.val_fraction}: must be in [0, 1)"),
+    (
+      bool(data.dir) or len(data.class_names) == 2,
+      f"data.class_names={data.class_names}: the synthetic set (data.dir='') has exactly 2 classes",
+    ),
+    (
+      bool(data.dir) or MIN_IMAGE_SIZE <= data.synthetic_min_side <= data.synthetic_max_side,
+      f"data.synthetic_min_side={data.synthetic_min_side}, data.synthetic_max_side={data.synthetic_max_side}: "
+      f"need {MIN_IMAGE_SIZE} <= min <= max",
+    ),
+    (data.worker_buffer_size >= 1, f"data.worker_buffer_size={data.worker_buffer_size}: must be >= 1"),
   ]
 
 
@@ -93,43 +102,67 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.data.class_names = normalize_class_names(config.data.class_names)
   names = config.data.class_names
   checks = [
-      (len(names) >= 2 and len(set(names)) == len(names) and all(names),
-       f"data.class_names={names}: need at least 2 distinct, non-empty names"),
-      (config.data.positive_class in names,
-       f"data.positive_class={config.data.positive_class!r} is not one of data.class_names={names}"),
-      (config.data.preprocess in PREPROCESS_MODES,
-       f"data.preprocess={config.data.preprocess!r}: use one of {PREPROCESS_MODES}"),
-      (config.data.crop_policy in CROP_POLICIES,
-       f"data.crop_policy={config.data.crop_policy!r}: use one of {CROP_POLICIES}"),
-      (0.0 <= config.data.shared_crop_quantile < 1.0,
-       f"data.shared_crop_quantile={config.data.shared_crop_quantile}: must be in [0, 1)"),
-      (config.data.on_bad_file in BAD_FILE_POLICIES,
-       f"data.on_bad_file={config.data.on_bad_file!r}: use one of {BAD_FILE_POLICIES}"),
-      (config.data.max_image_pixels > 0, f"data.max_image_pixels={config.data.max_image_pixels}: must be positive"),
-      *[(0.0 <= config.data[name] <= 1.0, f"data.{name}={config.data[name]}: must be a probability in [0, 1]")
-        for name in ("flip_probability", "jpeg_probability", "blur_probability")],
-      (1 <= config.data.jpeg_quality_min <= config.data.jpeg_quality_max <= 100,
-       f"data.jpeg_quality_min/max={config.data.jpeg_quality_min}/{config.data.jpeg_quality_max}: "
-       "need 1 <= min <= max <= 100"),
-      (0.0 < config.data.blur_sigma_min <= config.data.blur_sigma_max,
-       f"data.blur_sigma_min/max={config.data.blur_sigma_min}/{config.data.blur_sigma_max}: need 0 < min <= max"),
-      *[(config.data[name] >= 1, f"data.{name}={config.data[name]}: must be >= 1")
-        for name in ("eval_grid", "periodic_eval_grid")],
-      (config.data.worker_count >= 0, f"data.worker_count={config.data.worker_count}: must be >= 0"),
-      (config.image_size >= MIN_IMAGE_SIZE, f"image_size={config.image_size}: VGG16 needs at least {MIN_IMAGE_SIZE}"),
-      (config.batch_size > 0 and config.eval_batch_size > 0,
-       f"batch_size={config.batch_size}, eval_batch_size={config.eval_batch_size}: must be positive"),
-      (config.num_epochs >= 1, f"num_epochs={config.num_epochs}: must be >= 1"),
-      (config.min_train_steps >= 0, f"min_train_steps={config.min_train_steps}: must be >= 0"),
-      (config.learning_rate > 0, f"learning_rate={config.learning_rate}: must be positive"),
-      (config.warmup_epochs >= 0, f"warmup_epochs={config.warmup_epochs}: must be >= 0"),
-      (config.log_every_steps >= 1, f"log_every_steps={config.log_every_steps}: must be >= 1"),
-      (config.max_checkpoints_to_keep >= 1, f"max_checkpoints_to_keep={config.max_checkpoints_to_keep}: must be >= 1"),
-      (config.sharding in sharding.SHARDING_STRATEGIES,
-       f"sharding={config.sharding!r}: use one of {sharding.SHARDING_STRATEGIES}"),
-      (config.model.width_multiplier > 0, f"model.width_multiplier={config.model.width_multiplier}: must be positive"),
-      (0.0 <= config.model.dropout_rate < 1.0, f"model.dropout_rate={config.model.dropout_rate}: must be in [0, 1)"),
-      (config.freeze in FREEZE_OPTIONS, f"freeze={config.freeze!r}: use one of {FREEZE_OPTIONS}"),
+    (
+      len(names) >= 2 and len(set(names)) == len(names) and all(names),
+      f"data.class_names={names}: need at least 2 distinct, non-empty names",
+    ),
+    (
+      config.data.positive_class in names,
+      f"data.positive_class={config.data.positive_class!r} is not one of data.class_names={names}",
+    ),
+    (
+      config.data.preprocess in PREPROCESS_MODES,
+      f"data.preprocess={config.data.preprocess!r}: use one of {PREPROCESS_MODES}",
+    ),
+    (
+      config.data.crop_policy in CROP_POLICIES,
+      f"data.crop_policy={config.data.crop_policy!r}: use one of {CROP_POLICIES}",
+    ),
+    (
+      0.0 <= config.data.shared_crop_quantile < 1.0,
+      f"data.shared_crop_quantile={config.data.shared_crop_quantile}: must be in [0, 1)",
+    ),
+    (
+      config.data.on_bad_file in BAD_FILE_POLICIES,
+      f"data.on_bad_file={config.data.on_bad_file!r}: use one of {BAD_FILE_POLICIES}",
+    ),
+    (config.data.max_image_pixels > 0, f"data.max_image_pixels={config.data.max_image_pixels}: must be positive"),
+    *[
+      (0.0 <= config.data[name] <= 1.0, f"data.{name}={config.data[name]}: must be a probability in [0, 1]")
+      for name in ("flip_probability", "jpeg_probability", "blur_probability")
+    ],
+    (
+      1 <= config.data.jpeg_quality_min <= config.data.jpeg_quality_max <= 100,
+      f"data.jpeg_quality_min/max={config.data.jpeg_quality_min}/{config.data.jpeg_quality_max}: "
+      "need 1 <= min <= max <= 100",
+    ),
+    (
+      0.0 < config.data.blur_sigma_min <= config.data.blur_sigma_max,
+      f"data.blur_sigma_min/max={config.data.blur_sigma_min}/{config.data.blur_sigma_max}: need 0 < min <= max",
+    ),
+    *[
+      (config.data[name] >= 1, f"data.{name}={config.data[name]}: must be >= 1")
+      for name in ("eval_grid", "periodic_eval_grid")
+    ],
+    (config.data.worker_count >= 0, f"data.worker_count={config.data.worker_count}: must be >= 0"),
+    (config.image_size >= MIN_IMAGE_SIZE, f"image_size={config.image_size}: VGG16 needs at least {MIN_IMAGE_SIZE}"),
+    (
+      config.batch_size > 0 and config.eval_batch_size > 0,
+      f"batch_size={config.batch_size}, eval_batch_size={config.eval_batch_size}: must be positive",
+    ),
+    (config.num_epochs >= 1, f"num_epochs={config.num_epochs}: must be >= 1"),
+    (config.min_train_steps >= 0, f"min_train_steps={config.min_train_steps}: must be >= 0"),
+    (config.learning_rate > 0, f"learning_rate={config.learning_rate}: must be positive"),
+    (config.warmup_epochs >= 0, f"warmup_epochs={config.warmup_epochs}: must be >= 0"),
+    (config.log_every_steps >= 1, f"log_every_steps={config.log_every_steps}: must be >= 1"),
+    (config.max_checkpoints_to_keep >= 1, f"max_checkpoints_to_keep={config.max_checkpoints_to_keep}: must be >= 1"),
+    (
+      config.sharding in sharding.SHARDING_STRATEGIES,
+      f"sharding={config.sharding!r}: use one of {sharding.SHARDING_STRATEGIES}",
+    ),
+    (config.model.width_multiplier > 0, f"model.width_multiplier={config.model.width_multiplier}: must be positive"),
+    (0.0 <= config.model.dropout_rate < 1.0, f"model.dropout_rate={config.model.dropout_rate}: must be in [0, 1)"),
+    (config.freeze in FREEZE_OPTIONS, f"freeze={config.freeze!r}: use one of {FREEZE_OPTIONS}"),
   ]
   for ok, message in checks + _source_checks(config):
     if not ok:

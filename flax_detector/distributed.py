@@ -2,8 +2,8 @@
 
 import os
 
-from absl import logging
 import jax
+from absl import logging
 
 
 def _detected_cluster() -> str | None:
@@ -26,20 +26,26 @@ def initialize(coordinator_address: str | None, num_processes: int | None, proce
   are detected. CPU devices use the gloo collectives, so several local CPU processes form one job.
   Must run before anything touches a JAX backend.
   """
-  explicit = {"--coordinator_address": coordinator_address, "--num_processes": num_processes,
-              "--process_id": process_id}
+  explicit = {
+    "--coordinator_address": coordinator_address,
+    "--num_processes": num_processes,
+    "--process_id": process_id,
+  }
   given = [name for name, value in explicit.items() if value is not None]
   if given and len(given) != len(explicit):
     missing = sorted(set(explicit) - set(given))
-    raise ValueError(f"{', '.join(given)} given without {', '.join(missing)}: pass all three flags, or none "
-                     f"to let SLURM or the TPU VM configure the job")
+    raise ValueError(
+      f"{', '.join(given)} given without {', '.join(missing)}: pass all three flags, or none "
+      f"to let SLURM or the TPU VM configure the job"
+    )
   cluster = "explicit flags" if given else _detected_cluster()
   if cluster is None:
     return
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if given:
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id)
+    jax.distributed.initialize(
+      coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    )
   else:
     jax.distributed.initialize()
   logging.info("Joined a %d-process JAX job (%s) as process %d", jax.process_count(), cluster, jax.process_index())

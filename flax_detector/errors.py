@@ -5,8 +5,8 @@ Anything else that escapes a command is a bug and keeps its traceback. `flax_det
 (`--verbose` adds the traceback).
 """
 
-from collections.abc import Iterator
 import contextlib
+from collections.abc import Iterator
 
 
 class UserError(Exception):

@@ -10,19 +10,28 @@ The most confident mistakes are shown twice: as they are, and with a Grad-CAM ov
 where the detector found its evidence for the positive class.
 """
 
-from collections.abc import Callable, Sequence
 import dataclasses
 import os
 import sys
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 from absl import app, flags, logging
 from etils import epath
-import numpy as np
 from PIL import Image
 
-from flax_detector import audit, errors, gradcam, inference, input_pipeline, report, report_figures, report_html
-from flax_detector import robustness
+from flax_detector import (
+  audit,
+  errors,
+  gradcam,
+  inference,
+  input_pipeline,
+  report,
+  report_figures,
+  report_html,
+  robustness,
+)
 from flax_detector import workdir as workdir_layout
 from flax_detector.data.folder import DEFAULT_MAX_IMAGE_PIXELS, ImageFolderSource, IndexOptions
 from flax_detector.data.probe import ImageInfo, printable
@@ -32,8 +41,10 @@ NUM_MISTAKES = 12
 THUMBNAIL_SIDE = 192
 MISTAKES_FIGURE = "mistakes.png"
 GRADCAM_FIGURE = "mistakes_gradcam.png"
-GRADCAM_TARGET = ("log-odds of the positive class, from the last conv stage (ReLU before the final max pool); "
-                  "views' maps placed at their crop offsets and averaged; each overlay scaled to its own maximum")
+GRADCAM_TARGET = (
+  "log-odds of the positive class, from the last conv stage (ReLU before the final max pool); "
+  "views' maps placed at their crop offsets and averaged; each overlay scaled to its own maximum"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,8 +69,12 @@ def load_evaluation_set(detector: inference.Detector, workdir: epath.Path, data_
   return EvaluationSet(test, infos, f"the run's test split ({config.data.dir or 'built-in synthetic set'})")
 
 
-def _score(detector: inference.Detector, evaluation: EvaluationSet, label: str,
-           perturb: Callable[[np.ndarray, str], np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
+def _score(
+  detector: inference.Detector,
+  evaluation: EvaluationSet,
+  label: str,
+  perturb: Callable[[np.ndarray, str], np.ndarray] | None,
+) -> tuple[np.ndarray, np.ndarray]:
   """(record indices scored, log-probabilities) for every readable record, optionally perturbed first."""
 
   def load_image(index: int) -> np.ndarray | None:
@@ -80,8 +95,14 @@ def _score(detector: inference.Detector, evaluation: EvaluationSet, label: str,
   return np.asarray(indices, np.int64), np.concatenate(log_probs)
 
 
-def _metadata_check(evaluation: EvaluationSet, indices: np.ndarray, labels: np.ndarray, correct: np.ndarray,
-                    class_names: Sequence[str], crop_size: int) -> dict[str, Any]:
+def _metadata_check(
+  evaluation: EvaluationSet,
+  indices: np.ndarray,
+  labels: np.ndarray,
+  correct: np.ndarray,
+  class_names: Sequence[str],
+  crop_size: int,
+) -> dict[str, Any]:
   """Does this folder's metadata give the labels away, and how accurate is the detector where it cannot?
 
   The audit runs on the scored images themselves: the overlap is where both of *these* classes have
@@ -90,15 +111,20 @@ def _metadata_check(evaluation: EvaluationSet, indices: np.ndarray, labels: np.n
   if evaluation.infos is None:
     return {"num_examples": 0, "note": "the evaluated images are not files, so their metadata is unknown"}
   infos = [evaluation.infos[index] for index in indices]
-  folder_audit = audit.audit_records([audit.AuditRecord("evaluated", int(label), info)
-                                      for label, info in zip(labels, infos)], class_names, crop_size)
+  folder_audit = audit.audit_records(
+    [audit.AuditRecord("evaluated", int(label), info) for label, info in zip(labels, infos)], class_names, crop_size
+  )
   inside = audit.overlap_mask(folder_audit, infos)
-  check = {key: folder_audit[key] for key in ("metadata_accuracy", "chance_accuracy", "shortcut", "finding",
-                                               "overlap_ranges")}
+  check = {
+    key: folder_audit[key] for key in ("metadata_accuracy", "chance_accuracy", "shortcut", "finding", "overlap_ranges")
+  }
   if not inside.any():
-    return {**check, "num_examples": 0,
-            "note": "no image of this folder lies where the classes' sizes and formats overlap, so its accuracy "
-                    "cannot be separated from what the metadata gives away"}
+    return {
+      **check,
+      "num_examples": 0,
+      "note": "no image of this folder lies where the classes' sizes and formats overlap, so its accuracy "
+      "cannot be separated from what the metadata gives away",
+    }
   return {**check, "num_examples": int(inside.sum()), "accuracy": float(correct[inside].mean())}
 
 
@@ -112,8 +138,15 @@ class Mistake:
   name: str
 
 
-def _mistakes(evaluation: EvaluationSet, indices: np.ndarray, p_ai: np.ndarray, is_ai: np.ndarray,
-              threshold: float, class_names: Sequence[str], positive: int) -> list[Mistake]:
+def _mistakes(
+  evaluation: EvaluationSet,
+  indices: np.ndarray,
+  p_ai: np.ndarray,
+  is_ai: np.ndarray,
+  threshold: float,
+  class_names: Sequence[str],
+  positive: int,
+) -> list[Mistake]:
   """The most confident errors, most confident first."""
   wrong = np.flatnonzero((p_ai >= threshold) != is_ai)
   confidence = np.abs(p_ai[wrong] - threshold)
@@ -121,8 +154,14 @@ def _mistakes(evaluation: EvaluationSet, indices: np.ndarray, p_ai: np.ndarray, 
   mistakes = []
   for position in wrong[np.argsort(-confidence, kind="stable")][:NUM_MISTAKES]:
     image, label = evaluation.source[int(indices[position])]
-    mistakes.append(Mistake(image, float(p_ai[position]), class_names[positive if label == positive else negative],
-                            printable(evaluation.source.keys[int(indices[position])])))
+    mistakes.append(
+      Mistake(
+        image,
+        float(p_ai[position]),
+        class_names[positive if label == positive else negative],
+        printable(evaluation.source.keys[int(indices[position])]),
+      )
+    )
   return mistakes
 
 
@@ -130,10 +169,11 @@ def _gradcam_overlays(detector: inference.Detector, images: Sequence[np.ndarray]
   """Each image with its Grad-CAM for the positive class blended in (the same maps as predict --explain)."""
   overlays = []
   for start in range(0, len(images), detector.batch_size):
-    chunk = images[start:start + detector.batch_size]
+    chunk = images[start : start + detector.batch_size]
     _, view_cams = detector.explain([detector.views(image) for image in chunk])
-    overlays.extend(gradcam.overlay(image, detector.heatmap(cams, image.shape[:2]))
-                    for image, cams in zip(chunk, view_cams))
+    overlays.extend(
+      gradcam.overlay(image, detector.heatmap(cams, image.shape[:2])) for image, cams in zip(chunk, view_cams)
+    )
   return overlays
 
 
@@ -147,14 +187,24 @@ def _mistake_figures(detector: inference.Detector, mistakes: Sequence[Mistake], 
   """mistakes.png and mistakes_gradcam.png (the same grid with Grad-CAM overlays); report.json's "mistakes"."""
 
   def grid(images: Sequence[np.ndarray], name: str, title: str) -> None:
-    report_figures.mistakes_figure([(_thumbnail(image), mistake.p_ai, mistake.true_class, mistake.name)
-                                    for image, mistake in zip(images, mistakes)], out / name, title=title)
+    report_figures.mistakes_figure(
+      [(_thumbnail(image), mistake.p_ai, mistake.true_class, mistake.name) for image, mistake in zip(images, mistakes)],
+      out / name,
+      title=title,
+    )
 
   grid([mistake.image for mistake in mistakes], MISTAKES_FIGURE, "Most confident mistakes")
-  grid(_gradcam_overlays(detector, [mistake.image for mistake in mistakes]), GRADCAM_FIGURE,
-       f"Most confident mistakes: evidence for {detector.config.data.positive_class} (Grad-CAM)")
-  return {"figure": MISTAKES_FIGURE, "gradcam_figure": GRADCAM_FIGURE, "gradcam_target": GRADCAM_TARGET,
-          "images": [{"name": m.name, "true_class": m.true_class, "p_ai": m.p_ai} for m in mistakes]}
+  grid(
+    _gradcam_overlays(detector, [mistake.image for mistake in mistakes]),
+    GRADCAM_FIGURE,
+    f"Most confident mistakes: evidence for {detector.config.data.positive_class} (Grad-CAM)",
+  )
+  return {
+    "figure": MISTAKES_FIGURE,
+    "gradcam_figure": GRADCAM_FIGURE,
+    "gradcam_target": GRADCAM_TARGET,
+    "images": [{"name": m.name, "true_class": m.true_class, "p_ai": m.p_ai} for m in mistakes],
+  }
 
 
 def _robustness_rows(detector: inference.Detector, evaluation: EvaluationSet, clean: dict[str, Any]) -> list[dict]:
@@ -167,8 +217,9 @@ def _robustness_rows(detector: inference.Detector, evaluation: EvaluationSet, cl
   return rows
 
 
-def evaluate(workdir: str, data_dir: str | None = None, output_dir: str | None = None,
-             with_robustness: bool = True) -> dict[str, Any]:
+def evaluate(
+  workdir: str, data_dir: str | None = None, output_dir: str | None = None, with_robustness: bool = True
+) -> dict[str, Any]:
   """Writes the report into output_dir (default DIR/report) and returns report.json's content."""
   workdir_path = epath.Path(workdir)
   out = epath.Path(output_dir) if output_dir else workdir_path / workdir_layout.REPORT
@@ -180,9 +231,14 @@ def evaluate(workdir: str, data_dir: str | None = None, output_dir: str | None =
   summary = report.summarize_scores(log_probs, labels, positive, detector.calibration)
   p_ai = detector.calibration.probabilities(log_probs)[:, positive]
   correct = (p_ai >= detector.calibration.threshold) == (labels == positive)
-  result = {**summary, "checkpoint_step": detector.step, "class_names": names, "data": evaluation.description,
-            "positive_class": names[positive],
-            "robustness": _robustness_rows(detector, evaluation, summary) if with_robustness else []}
+  result = {
+    **summary,
+    "checkpoint_step": detector.step,
+    "class_names": names,
+    "data": evaluation.description,
+    "positive_class": names[positive],
+    "robustness": _robustness_rows(detector, evaluation, summary) if with_robustness else [],
+  }
   result["metadata_overlap"] = _metadata_check(evaluation, indices, labels, correct, names, detector.config.image_size)
   if (workdir_path / workdir_layout.AUDIT).exists():
     result["audit"] = workdir_layout.read_json(workdir_path / workdir_layout.AUDIT)  # the training folder's
@@ -203,11 +259,15 @@ FLAGS = flags.FLAGS
 
 def _define_flags() -> None:
   flags.DEFINE_string("workdir", None, "Training workdir holding config.json and checkpoints/.")
-  flags.DEFINE_string("data_dir", None, "Folder with one subfolder per class name (e.g. DATA/test); "
-                      "default: the run's own test split.")
+  flags.DEFINE_string(
+    "data_dir", None, "Folder with one subfolder per class name (e.g. DATA/test); default: the run's own test split."
+  )
   flags.DEFINE_string("output_dir", None, "Where the report goes; default DIR/report/.")
-  flags.DEFINE_bool("robustness", True, "Also re-score every image under JPEG, down-scaling and blur perturbations "
-                    "(seven more passes over the folder).")
+  flags.DEFINE_bool(
+    "robustness",
+    True,
+    "Also re-score every image under JPEG, down-scaling and blur perturbations (seven more passes over the folder).",
+  )
   flags.DEFINE_bool("verbose", False, "Show library log lines on stderr.")
   flags.mark_flag_as_required("workdir")
 
@@ -224,9 +284,12 @@ def main(argv: list[str]) -> None:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
   out = FLAGS.output_dir or os.path.join(FLAGS.workdir, workdir_layout.REPORT)
-  print(f"accuracy {result['accuracy']:.4f}, balanced {result['balanced_accuracy']:.4f}, ROC AUC "
-        f"{result['roc_auc']}, ECE {result['ece']:.4f} -> {result['ece_calibrated']:.4f} calibrated, on "
-        f"{result['num_examples']} images; report in {os.path.join(out, 'report.html')}", file=sys.stderr)
+  print(
+    f"accuracy {result['accuracy']:.4f}, balanced {result['balanced_accuracy']:.4f}, ROC AUC "
+    f"{result['roc_auc']}, ECE {result['ece']:.4f} -> {result['ece_calibrated']:.4f} calibrated, on "
+    f"{result['num_examples']} images; report in {os.path.join(out, 'report.html')}",
+    file=sys.stderr,
+  )
 
 
 if __name__ == "__main__":

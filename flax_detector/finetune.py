@@ -57,8 +57,10 @@ def from_safetensors(path: str) -> Pretrained:
 
   def describe_mismatch(path: LeafPath, found: tuple[int, ...], needed: tuple[int, ...]) -> str:
     tensor = tensors[path]
-    return (f"{tensor.torch_name} has shape {torchvision_weights.torch_layout_shape(tensor, found)}, the model "
-            f"needs {torchvision_weights.torch_layout_shape(tensor, needed)}")
+    return (
+      f"{tensor.torch_name} has shape {torchvision_weights.torch_layout_shape(tensor, found)}, the model "
+      f"needs {torchvision_weights.torch_layout_shape(tensor, needed)}"
+    )
 
   return Pretrained(torchvision_weights.to_flax_variables(state_dict, path), path, batch_norm, describe_mismatch)
 
@@ -84,8 +86,9 @@ def load_pretrained(path: str) -> Pretrained:
   return from_safetensors(path)
 
 
-def fitted_leaves(pretrained: Pretrained, target: dict[str, Any], config: ml_collections.ConfigDict, *,
-                  new_head_allowed: bool) -> dict[LeafPath, np.ndarray]:
+def fitted_leaves(
+  pretrained: Pretrained, target: dict[str, Any], config: ml_collections.ConfigDict, *, new_head_allowed: bool
+) -> dict[LeafPath, np.ndarray]:
   """The pretrained value of every leaf of `target` ({"params", "batch_stats"}, arrays or shapes).
 
   With `new_head_allowed`, a head whose class count differs is left out (the caller keeps its fresh
@@ -93,9 +96,10 @@ def fitted_leaves(pretrained: Pretrained, target: dict[str, Any], config: ml_col
   """
   if pretrained.batch_norm != config.model.batch_norm:
     raise WeightsFileError(
-        f"{pretrained.source} holds a VGG16 {'with' if pretrained.batch_norm else 'without'} BatchNorm, the "
-        f"config has model.batch_norm={config.model.batch_norm}: set --config.model.batch_norm="
-        f"{pretrained.batch_norm}.")
+      f"{pretrained.source} holds a VGG16 {'with' if pretrained.batch_norm else 'without'} BatchNorm, the "
+      f"config has model.batch_norm={config.model.batch_norm}: set --config.model.batch_norm="
+      f"{pretrained.batch_norm}."
+    )
   leaves, mismatches = {}, {}
   for key_path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
     path = _path(key_path)
@@ -111,34 +115,45 @@ def fitted_leaves(pretrained: Pretrained, target: dict[str, Any], config: ml_col
 
 def _mismatch_message(source: str, mismatches: dict[LeafPath, str], config: ml_collections.ConfigDict) -> str:
   first = sorted(mismatches, key=lambda path: path[0] != "params")[:3]  # weights say more than statistics
-  message = (f"{source} does not fit the configured model ({len(mismatches)} tensors differ): "
-             f"{'; '.join(mismatches[path] for path in first)}. model.width_multiplier="
-             f"{config.model.width_multiplier} scales every layer and the last layer has one output per class of "
-             f"data.class_names ({len(config.data.class_names)}).")
+  message = (
+    f"{source} does not fit the configured model ({len(mismatches)} tensors differ): "
+    f"{'; '.join(mismatches[path] for path in first)}. model.width_multiplier="
+    f"{config.model.width_multiplier} scales every layer and the last layer has one output per class of "
+    f"data.class_names ({len(config.data.class_names)})."
+  )
   if all(path[1] == HEAD for path in mismatches):
-    message += (" To fine-tune weights with another class count, train with --config.init_from, which "
-                "re-initialises the last layer.")
+    message += (
+      " To fine-tune weights with another class count, train with --config.init_from, which "
+      "re-initialises the last layer."
+    )
   return message
 
 
 def _log_head(pretrained: Pretrained, leaves: dict[LeafPath, np.ndarray], target: dict[str, Any]) -> None:
   if ("params", HEAD, "bias") in leaves:
     return
-  logging.info("init_from %s: its last layer (%s) has %d classes, this model %d: that layer is re-initialised "
-               "from config.seed, every other layer is loaded.", pretrained.source, HEAD,
-               pretrained.variables["params"][HEAD]["bias"].shape[0], target["params"][HEAD]["bias"].shape[0])
+  logging.info(
+    "init_from %s: its last layer (%s) has %d classes, this model %d: that layer is re-initialised "
+    "from config.seed, every other layer is loaded.",
+    pretrained.source,
+    HEAD,
+    pretrained.variables["params"][HEAD]["bias"].shape[0],
+    target["params"][HEAD]["bias"].shape[0],
+  )
 
 
 def _path(key_path: Any) -> LeafPath:
   return tuple(entry.key for entry in key_path)
 
 
-def imported_variables(pretrained: Pretrained, shapes: dict[str, Any],
-                       config: ml_collections.ConfigDict) -> dict[str, Any]:
+def imported_variables(
+  pretrained: Pretrained, shapes: dict[str, Any], config: ml_collections.ConfigDict
+) -> dict[str, Any]:
   """Every leaf of `shapes` ({"params", "batch_stats"} of the configured model) from `pretrained`, or an error."""
   leaves = fitted_leaves(pretrained, shapes, config, new_head_allowed=False)
-  return jax.tree_util.tree_map_with_path(lambda key_path, leaf: jnp.asarray(leaves[_path(key_path)], leaf.dtype),
-                                          shapes)
+  return jax.tree_util.tree_map_with_path(
+    lambda key_path, leaf: jnp.asarray(leaves[_path(key_path)], leaf.dtype), shapes
+  )
 
 
 def _place(value: np.ndarray, like: jax.Array) -> jax.Array:
@@ -169,7 +184,8 @@ def start_from_init_from(state: Any, config: ml_collections.ConfigDict) -> Any:
 def _freeze_labels(params: Any) -> Any:
   """Everything before the classifier (the convolutions and their BatchNorm layers) is a feature."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: "trained" if path[0].key.startswith("Dense_") else "frozen", params)
+    lambda path, _: "trained" if path[0].key.startswith("Dense_") else "frozen", params
+  )
 
 
 def apply_freeze(optimizer: optax.GradientTransformation, freeze: str) -> optax.GradientTransformation:

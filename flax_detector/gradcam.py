@@ -45,8 +45,9 @@ def positive_log_odds(log_probs: jax.Array, positive: int) -> jax.Array:
   return log_probs[..., positive] - jax.nn.logsumexp(others, axis=-1)
 
 
-def explained_log_probs(apply_fn: Callable[..., Any], variables: Any, images: jax.Array,
-                        positive: int) -> tuple[jax.Array, jax.Array]:
+def explained_log_probs(
+  apply_fn: Callable[..., Any], variables: Any, images: jax.Array, positive: int
+) -> tuple[jax.Array, jax.Array]:
   """(log-probabilities float32[b, classes], Grad-CAMs float32[b, views, h, w]) of uint8[b, views, S, S, 3].
 
   The log-probabilities are models.view_averaged_log_probs'; the maps share its forward pass. Images do
@@ -56,8 +57,9 @@ def explained_log_probs(apply_fn: Callable[..., Any], variables: Any, images: ja
   flat = images.reshape((batch * views,) + images.shape[2:])
 
   def run(perturbation: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    logits, state = apply_fn({**variables, "perturbations": {LAST_CONV_FEATURES: perturbation}}, flat,
-                             train=False, mutable=["intermediates"])
+    logits, state = apply_fn(
+      {**variables, "perturbations": {LAST_CONV_FEATURES: perturbation}}, flat, train=False, mutable=["intermediates"]
+    )
     log_probs = average_view_log_probs(logits.reshape(batch, views, -1))
     features = state["intermediates"][LAST_CONV_FEATURES][0]
     return positive_log_odds(log_probs, positive).sum(), (log_probs, features)
@@ -89,8 +91,7 @@ def _upsample_view(cam: np.ndarray, size: int) -> np.ndarray:
   return np.pad(upsampled, ((0, size - upsampled.shape[0]), (0, size - upsampled.shape[1])), mode="edge")
 
 
-def image_heatmap(view_cams: np.ndarray, image_shape: tuple[int, int], size: int, mode: str,
-                  grid: int) -> np.ndarray:
+def image_heatmap(view_cams: np.ndarray, image_shape: tuple[int, int], size: int, mode: str, grid: int) -> np.ndarray:
   """float32[H, W] Grad-CAM of an image from its eval views' maps [grid * grid, h, w]; NaN where no view saw.
 
   Views are placed where preprocess.eval_transform cut them (same offsets, row by row) and averaged
@@ -99,11 +100,14 @@ def image_heatmap(view_cams: np.ndarray, image_shape: tuple[int, int], size: int
   (content_height, content_width), (height, width) = fitted_shape(*image_shape, size, mode)
   total = np.zeros((height, width), np.float32)
   count = np.zeros((height, width), np.float32)
-  offsets = [(top, left) for top in preprocess.grid_offsets(height, size, grid)
-             for left in preprocess.grid_offsets(width, size, grid)]
+  offsets = [
+    (top, left)
+    for top in preprocess.grid_offsets(height, size, grid)
+    for left in preprocess.grid_offsets(width, size, grid)
+  ]
   for (top, left), cam in zip(offsets, view_cams, strict=True):
-    total[top:top + size, left:left + size] += _upsample_view(np.asarray(cam), size)
-    count[top:top + size, left:left + size] += 1
+    total[top : top + size, left : left + size] += _upsample_view(np.asarray(cam), size)
+    count[top : top + size, left : left + size] += 1
   with np.errstate(invalid="ignore", divide="ignore"):
     heat = np.where(count > 0, total / count, np.nan)[:content_height, :content_width]
   if heat.shape != tuple(image_shape):

@@ -74,9 +74,13 @@ def _define_flags() -> None:
   """Defined only when run as a program, so that importing import_weights() defines no flags."""
   flags.DEFINE_string("source", None, "torchvision vgg16 / vgg16_bn state dict saved as .safetensors.")
   flags.DEFINE_string("workdir", None, "New workdir to write config.json and the step-0 checkpoint into.")
-  config_flags.DEFINE_config_file("config", "configs/vgg16.py", "Config the workdir records (model width, class "
-                                  "names, image size, ...); model.batch_norm is taken from the weights.",
-                                  lock_config=True)
+  config_flags.DEFINE_config_file(
+    "config",
+    "configs/vgg16.py",
+    "Config the workdir records (model width, class "
+    "names, image size, ...); model.batch_norm is taken from the weights.",
+    lock_config=True,
+  )
   flags.DEFINE_bool("verbose", False, "Show library log lines (Orbax's checkpoint writing) on stderr.")
   flags.mark_flags_as_required(["source", "workdir"])
 
@@ -93,8 +97,10 @@ def main(argv: list[str]) -> None:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
   variant = "vgg16_bn" if config.model.batch_norm else "vgg16"
-  print(f"Imported {variant} weights from {options.source} into {options.workdir} (checkpoint step 0). Next: "
-        f"python -m flax_detector.predict --workdir={options.workdir} IMAGES...")
+  print(
+    f"Imported {variant} weights from {options.source} into {options.workdir} (checkpoint step 0). Next: "
+    f"python -m flax_detector.predict --workdir={options.workdir} IMAGES..."
+  )
 
 
 if __name__ == "__main__":

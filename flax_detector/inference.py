@@ -7,18 +7,18 @@ they stream through it. Explaining (Grad-CAM) uses a second compiled function th
 scores together with the maps, so a command that explains still runs the model once per batch.
 """
 
-from collections.abc import Callable, Iterator, Sequence
-from concurrent import futures
 import dataclasses
 import sys
 import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent import futures
 from typing import Any, TypeVar
 
-from absl import logging
-from etils import epath
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
+from etils import epath
 
 from flax_detector import gradcam, preprocess, report, sharding
 from flax_detector import workdir as workdir_layout
@@ -57,23 +57,24 @@ class Detector:
   def log_probs(self, views: Sequence[np.ndarray]) -> np.ndarray:
     """Uncalibrated log-probabilities float32[n, classes] of up to batch_size images' views."""
     output = self._log_probs(self._variables, self._device_batch(views))
-    return np.asarray(output)[:len(views)]
+    return np.asarray(output)[: len(views)]
 
   def explain(self, views: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """log_probs' output and each view's Grad-CAM float32[n, V, h, w] (gradcam.py), from one compiled call."""
     log_probs, cams = self._explained_log_probs(self._variables, self._device_batch(views))
-    return np.asarray(log_probs)[:len(views)], np.asarray(cams)[:len(views)]
+    return np.asarray(log_probs)[: len(views)], np.asarray(cams)[: len(views)]
 
   def heatmap(self, view_cams: np.ndarray, image_shape: tuple[int, int]) -> np.ndarray:
     """float32[H, W]: an image's Grad-CAM, its views' maps (from `explain`) placed where `views` cut them."""
     data = self.config.data
-    return gradcam.image_heatmap(view_cams, image_shape, self.config.image_size, data.preprocess,
-                                 data.get("eval_grid", 1))
+    return gradcam.image_heatmap(
+      view_cams, image_shape, self.config.image_size, data.preprocess, data.get("eval_grid", 1)
+    )
 
   def _device_batch(self, views: Sequence[np.ndarray]) -> jax.Array:
     """The views padded with blank images to the compiled batch size, on the mesh."""
     batch = np.zeros((self.batch_size,) + views[0].shape, np.uint8)
-    batch[:len(views)] = np.stack(views)
+    batch[: len(views)] = np.stack(views)
     return jax.device_put(batch, self._batch_sharding)
 
 
@@ -85,14 +86,21 @@ def load_detector(workdir: epath.PathLike, batch_size: int | None = None) -> Det
   mesh = sharding.create_mesh()
   variables_shape = jax.eval_shape(lambda: init_variables(model, config.image_size, jax.random.PRNGKey(0)))
   replicated = jax.tree.map(lambda _: sharding.replicated(mesh), variables_shape)
-  variables, step = restore_model_variables(workdir / workdir_layout.CHECKPOINTS,
-                                            abstract_with_shardings(variables_shape, replicated))
+  variables, step = restore_model_variables(
+    workdir / workdir_layout.CHECKPOINTS, abstract_with_shardings(variables_shape, replicated)
+  )
   logging.info("Loaded checkpoint step %d from %s", step, workdir)
   return build_detector(config, variables, step, report.load_calibration(workdir), mesh, batch_size)
 
 
-def build_detector(config: ml_collections.ConfigDict, variables: Any, step: int, calibration: report.Calibration,
-                   mesh: jax.sharding.Mesh, batch_size: int | None = None) -> Detector:
+def build_detector(
+  config: ml_collections.ConfigDict,
+  variables: Any,
+  step: int,
+  calibration: report.Calibration,
+  mesh: jax.sharding.Mesh,
+  batch_size: int | None = None,
+) -> Detector:
   """A Detector over given variables (restored, or built by hand in a test), compiled lazily on first use."""
   model = create_model(config.model, len(config.data.class_names))
   batch_size = batch_size or config.eval_batch_size
@@ -108,9 +116,16 @@ def build_detector(config: ml_collections.ConfigDict, variables: Any, step: int,
   def explained_log_probs(variables: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     return gradcam.explained_log_probs(model.apply, variables, images, positive)
 
-  return Detector(config=config, step=step, calibration=calibration, batch_size=batch_size, _variables=variables,
-                  _log_probs=log_probs, _explained_log_probs=explained_log_probs,
-                  _batch_sharding=sharding.batch_sharding(mesh))
+  return Detector(
+    config=config,
+    step=step,
+    calibration=calibration,
+    batch_size=batch_size,
+    _variables=variables,
+    _log_probs=log_probs,
+    _explained_log_probs=explained_log_probs,
+    _batch_sharding=sharding.batch_sharding(mesh),
+  )
 
 
 class _LibraryFilter(logging.logging.Filter):
@@ -166,15 +181,20 @@ class ScoredBatch:
   view_cams: np.ndarray | None
 
 
-def stream_scores(detector: Detector, items: Sequence[Item], load_image: Callable[[Item], np.ndarray | None],
-                  label: str, explain: bool = False) -> Iterator[ScoredBatch]:
+def stream_scores(
+  detector: Detector,
+  items: Sequence[Item],
+  load_image: Callable[[Item], np.ndarray | None],
+  label: str,
+  explain: bool = False,
+) -> Iterator[ScoredBatch]:
   """Scores per batch; the next batch decodes (and is cut into views) while this one runs.
 
   `load_image(item)` returns the decoded image, or None (after saying why) to leave it out. With
   `explain`, each batch also carries its views' Grad-CAMs, from the same compiled call as the scores.
   """
   progress = Progress(label, len(items))
-  chunks = [items[start:start + detector.batch_size] for start in range(0, len(items), detector.batch_size)]
+  chunks = [items[start : start + detector.batch_size] for start in range(0, len(items), detector.batch_size)]
 
   def load(item: Item) -> tuple[np.ndarray | None, np.ndarray] | None:
     image = load_image(item)

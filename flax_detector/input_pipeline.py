@@ -7,8 +7,9 @@ number of hosts, devices and Grain workers. Each example's augmentation draws fr
 numpy's Generator seeded with (seed, record, epoch).
 
 Batches are dicts {"image": uint8[b, S, S, 3], "label": int32[b], "mask": bool[b]} of the
-process-local share b = B / P; eval images carry a views axis, uint8[b, V, S, S, 3]. Evaluation pads the split to whole global batches with masked
-examples, so every process runs the same number of steps and every example counts exactly once.
+process-local share b = B / P; eval images carry a views axis, uint8[b, V, S, S, 3]. Evaluation pads the
+split to whole global batches with masked examples, so every process runs the same number of steps and every
+example counts exactly once.
 Unreadable, truncated and oversized files are left out when the folder is indexed (data/folder.py);
 a file that becomes unreadable later is masked out of its batch with a warning naming it.
 """
@@ -16,11 +17,11 @@ a file that becomes unreadable later is masked out of its batch with a warning n
 import dataclasses
 import math
 
-from absl import logging
-from etils import epath
 import grain
 import ml_collections
 import numpy as np
+from absl import logging
+from etils import epath
 
 from flax_detector import preprocess, worker_lifetime
 from flax_detector import workdir as workdir_layout
@@ -66,19 +67,29 @@ class SourceSettings:
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "SourceSettings":
     data = config.data
-    return cls(data.dir, tuple(data.class_names), data.val_fraction, data.max_image_pixels, data.on_bad_file,
-               (data.synthetic_train_size, data.synthetic_test_size),
-               (data.synthetic_min_side, data.synthetic_max_side))
+    return cls(
+      data.dir,
+      tuple(data.class_names),
+      data.val_fraction,
+      data.max_image_pixels,
+      data.on_bad_file,
+      (data.synthetic_train_size, data.synthetic_test_size),
+      (data.synthetic_min_side, data.synthetic_max_side),
+    )
 
   def index_options(self, workdir: epath.Path | None, process_index: int) -> IndexOptions:
     """How to check the folder; the probe cache lives in the run's workdir, written by process 0 only."""
-    return IndexOptions(max_image_pixels=self.max_image_pixels, on_bad_file=self.on_bad_file,
-                        cache_path=None if workdir is None else workdir / workdir_layout.FILE_INDEX_CACHE,
-                        update_cache=process_index == 0)
+    return IndexOptions(
+      max_image_pixels=self.max_image_pixels,
+      on_bad_file=self.on_bad_file,
+      cache_path=None if workdir is None else workdir / workdir_layout.FILE_INDEX_CACHE,
+      update_cache=process_index == 0,
+    )
 
 
-def load_split(settings: SourceSettings, split: str, workdir: epath.Path | None = None,
-               process_index: int = 0) -> ImageSource:
+def load_split(
+  settings: SourceSettings, split: str, workdir: epath.Path | None = None, process_index: int = 0
+) -> ImageSource:
   """One split ("train" or "test") of data.dir: a prepared copy, an image folder, or the synthetic set."""
   if settings.dir and array_record.is_prepared(settings.dir):
     # A folder written by flax_detector.prepare holds the same records, keys and order as the image folder.
@@ -92,13 +103,18 @@ def load_split(settings: SourceSettings, split: str, workdir: epath.Path | None 
 def load_splits(settings: SourceSettings, workdir: epath.Path | None = None, process_index: int = 0) -> Splits:
   """Indexes data.dir (or builds the synthetic set) and carves the validation split from train/."""
   full_train, test = (load_split(settings, split, workdir, process_index) for split in ("train", "test"))
-  folders = {split: source for split, source in (("train", full_train), ("test", test))
-             if isinstance(source, ImageFolderSource)}
+  folders = {
+    split: source for split, source in (("train", full_train), ("test", test)) if isinstance(source, ImageFolderSource)
+  }
   train, validation = split_off_validation(full_train, settings.val_fraction)
   for name, split in (("train", train), ("validation", validation), ("test", test)):
     counts = class_counts(split, len(settings.class_names))
-    logging.info("%s split: %d images, %s", name, len(split),
-                 ", ".join(f"{cls}={count}" for cls, count in zip(settings.class_names, counts)))
+    logging.info(
+      "%s split: %d images, %s",
+      name,
+      len(split),
+      ", ".join(f"{cls}={count}" for cls, count in zip(settings.class_names, counts)),
+    )
   return Splits(train=train, validation=validation, test=test, folders=folders)
 
 
@@ -107,9 +123,11 @@ def crop_size(train: ImageSource, image_size: int, preprocess_mode: str, crop_po
   if preprocess_mode != "crop" or crop_policy != "shared":
     return image_size
   if train.sizes is None:
-    logging.warning("data.crop_policy=shared: the prepared data.dir records no image sizes (prepared by an older "
-                    "version); using image_size=%d. Re-run flax_detector.prepare --overwrite to record them.",
-                    image_size)
+    logging.warning(
+      "data.crop_policy=shared: the prepared data.dir records no image sizes (prepared by an older "
+      "version); using image_size=%d. Re-run flax_detector.prepare --overwrite to record them.",
+      image_size,
+    )
     return image_size
   return preprocess.shared_crop_size(train.sizes, image_size, quantile, MIN_IMAGE_SIZE)
 
@@ -135,8 +153,10 @@ class Schedule:
     epochs = self.epochs(num_records)
     steps = (epochs * num_records) // self.batch_size
     if steps < 1:
-      raise ValueError(f"batch_size={self.batch_size} exceeds the {epochs} epoch(s) of "
-                       f"{num_records} training images: lower batch_size or raise num_epochs")
+      raise ValueError(
+        f"batch_size={self.batch_size} exceeds the {epochs} epoch(s) of "
+        f"{num_records} training images: lower batch_size or raise num_epochs"
+      )
     return steps
 
 
@@ -165,8 +185,7 @@ def _read_or_skip(source: ImageSource, index: int) -> np.ndarray | None:
 class _LoadTrainBatch(grain.transforms.Map):
   """Reads, decodes and augments one process-local training batch, inside a Grain worker."""
 
-  def __init__(self, source: ImageSource, seed: int, image_size: int, mode: str,
-               options: preprocess.AugmentOptions):
+  def __init__(self, source: ImageSource, seed: int, image_size: int, mode: str, options: preprocess.AugmentOptions):
     self._source, self._seed, self._image_size, self._mode, self._options = source, seed, image_size, mode, options
 
   def map(self, positions: tuple[np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
@@ -180,8 +199,11 @@ class _LoadTrainBatch(grain.transforms.Map):
         continue
       rng = np.random.default_rng((self._seed, int(record), int(epoch)))
       images.append(preprocess.train_transform(image, self._image_size, self._mode, self._options, rng))
-    return {"image": np.stack(images), "label": self._source.labels[records].astype(np.int32),
-            "mask": np.asarray(mask, bool)}
+    return {
+      "image": np.stack(images),
+      "label": self._source.labels[records].astype(np.int32),
+      "mask": np.asarray(mask, bool),
+    }
 
 
 class _LoadEvalBatch(grain.transforms.Map):
@@ -218,23 +240,34 @@ class TrainSettings:
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "TrainSettings":
-    return cls(Schedule.from_config(config), config.seed, config.image_size, config.data.preprocess,
-               preprocess.AugmentOptions.from_config(config.data))
+    return cls(
+      Schedule.from_config(config),
+      config.seed,
+      config.image_size,
+      config.data.preprocess,
+      preprocess.AugmentOptions.from_config(config.data),
+    )
 
 
-def train_dataset(source: ImageSource, settings: TrainSettings, process_index: int,
-                  process_count: int) -> grain.MapDataset:
+def train_dataset(
+  source: ImageSource, settings: TrainSettings, process_index: int, process_count: int
+) -> grain.MapDataset:
   """This process's training batches, one element per step, for the whole run.
 
   The global batch size divides by the process count (config_validation checks it divides by the devices).
   """
   num_records, schedule = len(source), settings.schedule
-  positions = (grain.MapDataset.range(num_records).shuffle(seed=settings.seed).repeat(schedule.epochs(num_records))
-               .map_with_index(_RecordAndEpoch(num_records)).batch(schedule.batch_size // process_count,
-                                                                   drop_remainder=True))
+  positions = (
+    grain.MapDataset.range(num_records)
+    .shuffle(seed=settings.seed)
+    .repeat(schedule.epochs(num_records))
+    .map_with_index(_RecordAndEpoch(num_records))
+    .batch(schedule.batch_size // process_count, drop_remainder=True)
+  )
   local = positions[: schedule.steps(num_records) * process_count][process_index::process_count]
-  return local.map(_LoadTrainBatch(source, settings.seed, settings.image_size, settings.preprocess_mode,
-                                   settings.augment))
+  return local.map(
+    _LoadTrainBatch(source, settings.seed, settings.image_size, settings.preprocess_mode, settings.augment)
+  )
 
 
 def num_eval_steps(num_records: int, eval_batch_size: int) -> int:
@@ -255,18 +288,21 @@ class EvalSettings:
     return cls(config.eval_batch_size, config.image_size, config.data.preprocess, config.data.eval_grid)
 
 
-def eval_dataset(source: ImageSource, settings: EvalSettings, process_index: int,
-                 process_count: int) -> grain.MapDataset:
+def eval_dataset(
+  source: ImageSource, settings: EvalSettings, process_index: int, process_count: int
+) -> grain.MapDataset:
   """This process's eval batches: the split in order, padded to whole global batches and masked."""
   local_batch = settings.batch_size // process_count
   steps = num_eval_steps(len(source), settings.batch_size)
   positions = grain.MapDataset.range(steps * settings.batch_size).batch(local_batch)
   return positions[process_index::process_count].map(
-      _LoadEvalBatch(source, settings.image_size, settings.preprocess_mode, settings.grid))
+    _LoadEvalBatch(source, settings.image_size, settings.preprocess_mode, settings.grid)
+  )
 
 
-def make_iterator(dataset: grain.MapDataset, worker_count: int, worker_buffer_size: int,
-                  start: int = 0) -> grain.DatasetIterator:
+def make_iterator(
+  dataset: grain.MapDataset, worker_count: int, worker_buffer_size: int, start: int = 0
+) -> grain.DatasetIterator:
   """Iterates `dataset` from element `start`, decoding in `worker_count` Grain processes.
 
   Each process (a worker, or this one when worker_count is 0) decodes one batch at a time and keeps
@@ -279,6 +315,7 @@ def make_iterator(dataset: grain.MapDataset, worker_count: int, worker_buffer_si
   iter_dataset = dataset[start:].to_iter_dataset(read_options)
   if worker_count > 0:
     iter_dataset = iter_dataset.mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=worker_buffer_size),
-        worker_init_fn=worker_lifetime.worker_init_fn())
+      grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=worker_buffer_size),
+      worker_init_fn=worker_lifetime.worker_init_fn(),
+    )
   return iter(iter_dataset)

@@ -15,16 +15,18 @@ def class_weights(setting: str | Sequence[float], counts: np.ndarray) -> np.ndar
   """
   if setting == "balanced":
     if np.any(counts == 0):
-      raise ValueError(f"class_weights='balanced' needs every class in the training split; counts are "
-                       f"{counts.tolist()}")
+      raise ValueError(
+        f"class_weights='balanced' needs every class in the training split; counts are {counts.tolist()}"
+      )
     return (counts.sum() / (len(counts) * counts)).astype(np.float32)
   if setting == "none":
     return np.ones(len(counts), np.float32)
   return np.asarray(setting, np.float32)
 
 
-def weighted_cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray, weights: jnp.ndarray,
-                           mask: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+def weighted_cross_entropy(
+  logits: jnp.ndarray, labels: jnp.ndarray, weights: jnp.ndarray, mask: jnp.ndarray
+) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
   """Returns (loss, per-example loss, per-example weight); loss = sum(w * ce) / sum(w), as torch's.
 
   The per-example weight is the class weight of the label times the mask, so padding weighs nothing.

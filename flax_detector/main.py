@@ -16,24 +16,33 @@ import sys
 import traceback
 from typing import Any, NoReturn
 
-from absl import app, flags, logging
 import jax
 import ml_collections
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from flax_detector import distributed, errors, run_lock
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events and final_metrics.json.")
-config_flags.DEFINE_config_file("config", None, "Training configuration, e.g. configs/vgg16.py or configs/vgg16.py:cpu.",
-                                 lock_config=True)
-flags.DEFINE_string("coordinator_address", None,
-                    "host:port of process 0, for a multi-process job on a cluster JAX does not detect by itself "
-                    "(SLURM and Cloud TPU VMs are detected; then leave the three flags unset).")
+config_flags.DEFINE_config_file(
+  "config", None, "Training configuration, e.g. configs/vgg16.py or configs/vgg16.py:cpu.", lock_config=True
+)
+flags.DEFINE_string(
+  "coordinator_address",
+  None,
+  "host:port of process 0, for a multi-process job on a cluster JAX does not detect by itself "
+  "(SLURM and Cloud TPU VMs are detected; then leave the three flags unset).",
+)
 flags.DEFINE_integer("num_processes", None, "Number of processes of the job (with --coordinator_address).")
 flags.DEFINE_integer("process_id", None, "This process's index in 0..num_processes-1 (with --coordinator_address).")
-flags.DEFINE_bool("verbose", False, "Show the traceback of user errors and keep the INFO log lines of JAX, Orbax and "
-                  "Grain (checkpoint internals, backend probing).", allow_override=True)
+flags.DEFINE_bool(
+  "verbose",
+  False,
+  "Show the traceback of user errors and keep the INFO log lines of JAX, Orbax and "
+  "Grain (checkpoint internals, backend probing).",
+  allow_override=True,
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -82,7 +91,7 @@ def _unknown_override_message(argv: list[str], error: Exception) -> str:
     fields = _config_fields(argv)
   except Exception:  # pylint: disable=broad-except -- the hint is best effort; the error below still says what
     return f"a --config.* override does not name a config field ({error})"
-  overrides = [arg[len("--config."):].split("=", 1)[0] for arg in argv if arg.startswith("--config.")]
+  overrides = [arg[len("--config.") :].split("=", 1)[0] for arg in argv if arg.startswith("--config.")]
   unknown = next((name for name in overrides if name not in fields), None)
   if unknown is None:
     return f"a --config.* override does not name a config field ({error})"
@@ -126,8 +135,9 @@ def _run() -> None:
     # and should not pay for TensorFlow (pulled in by CLU's writers) to decode images.
     from flax_detector import train  # pylint: disable=g-import-not-at-top
 
-    logging.info("JAX process %d of %d, local devices %s", jax.process_index(), jax.process_count(),
-                 jax.local_devices())
+    logging.info(
+      "JAX process %d of %d, local devices %s", jax.process_index(), jax.process_count(), jax.local_devices()
+    )
     train.train_and_evaluate(config, FLAGS.workdir)
 
 

@@ -51,8 +51,14 @@ def activation_bytes_per_example(image_size: int, width_multiplier: float, batch
   return total * dtype_bytes
 
 
-def estimate_train_step(image_size: int, local_batch: int, width_multiplier: float, batch_norm: bool,
-                        dtype_bytes: int, state_bytes_per_device: int) -> MemoryEstimate:
+def estimate_train_step(
+  image_size: int,
+  local_batch: int,
+  width_multiplier: float,
+  batch_norm: bool,
+  dtype_bytes: int,
+  state_bytes_per_device: int,
+) -> MemoryEstimate:
   """The step's need against this host's memory (CPU devices share it) or one accelerator's memory."""
   devices = jax.local_devices()
   per_example = activation_bytes_per_example(image_size, width_multiplier, batch_norm, dtype_bytes)
@@ -66,14 +72,17 @@ def estimate_train_step(image_size: int, local_batch: int, width_multiplier: flo
   return MemoryEstimate(int(needed), int(_USABLE_SHARE * available), "this host's available memory")
 
 
-def check_train_step(image_size: int, local_batch: int, width_multiplier: float, batch_norm: bool,
-                     dtype: str, state_bytes_per_device: int) -> MemoryEstimate:
+def check_train_step(
+  image_size: int, local_batch: int, width_multiplier: float, batch_norm: bool, dtype: str, state_bytes_per_device: int
+) -> MemoryEstimate:
   """Raises ValueError naming the estimate, the limit and the settings when the step cannot fit."""
-  estimate = estimate_train_step(image_size, local_batch, width_multiplier, batch_norm, jnp.dtype(dtype).itemsize,
-                                 state_bytes_per_device)
+  estimate = estimate_train_step(
+    image_size, local_batch, width_multiplier, batch_norm, jnp.dtype(dtype).itemsize, state_bytes_per_device
+  )
   if not estimate.fits:
     raise ValueError(
-        f"image_size={image_size} with {local_batch} images per host needs about {estimate.needed / 2**30:.1f} GiB "
-        f"for one training step, more than {estimate.where} allows ({estimate.limit / 2**30:.1f} GiB). Lower "
-        f"--config.image_size or --config.batch_size (or use more devices).")
+      f"image_size={image_size} with {local_batch} images per host needs about {estimate.needed / 2**30:.1f} GiB "
+      f"for one training step, more than {estimate.where} allows ({estimate.limit / 2**30:.1f} GiB). Lower "
+      f"--config.image_size or --config.batch_size (or use more devices)."
+    )
   return estimate

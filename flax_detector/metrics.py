@@ -7,11 +7,11 @@ them off the device only when it reports.
 
 from typing import Any
 
-from clu import metrics as clu_metrics
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+from clu import metrics as clu_metrics
 
 
 @flax.struct.dataclass
@@ -19,8 +19,7 @@ class ClassWeightedLoss(clu_metrics.Average):
   """Mean of the per-example loss weighted by class weight x mask: the training objective."""
 
   @classmethod
-  def from_model_output(cls, *, per_example_loss: jnp.ndarray, example_weight: jnp.ndarray,
-                        **_) -> "ClassWeightedLoss":
+  def from_model_output(cls, *, per_example_loss: jnp.ndarray, example_weight: jnp.ndarray, **_) -> "ClassWeightedLoss":
     return cls(total=jnp.sum(per_example_loss * example_weight), count=jnp.sum(example_weight))
 
 
@@ -31,8 +30,7 @@ class ConfusionMatrix(clu_metrics.Metric):
   counts: jnp.ndarray
 
   @classmethod
-  def from_model_output(cls, *, logits: jnp.ndarray, labels: jnp.ndarray, mask: jnp.ndarray,
-                        **_) -> "ConfusionMatrix":
+  def from_model_output(cls, *, logits: jnp.ndarray, labels: jnp.ndarray, mask: jnp.ndarray, **_) -> "ConfusionMatrix":
     num_classes = logits.shape[-1]
     truth = jax.nn.one_hot(labels, num_classes, dtype=jnp.int32) * mask[:, None].astype(jnp.int32)
     predicted = jax.nn.one_hot(jnp.argmax(logits, axis=-1), num_classes, dtype=jnp.int32)

@@ -64,7 +64,7 @@ def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
   if jax.default_backend() != "cpu":
     return nn.max_pool(x, (2, 2), strides=(2, 2))
   batch, height, width, channels = x.shape
-  x = x[:, :height // 2 * 2, :width // 2 * 2]  # VALID pooling drops an odd last row or column
+  x = x[:, : height // 2 * 2, : width // 2 * 2]  # VALID pooling drops an odd last row or column
   return x.reshape(batch, height // 2, 2, width // 2, 2, channels).max(axis=(2, 4))
 
 
@@ -91,13 +91,15 @@ class VGG16(nn.Module):
     x = ((images.astype(jnp.float32) - _RGB_MEAN) / _RGB_STD).astype(self.dtype)
     for index, stage in enumerate(self.stages):
       for width in stage:
-        x = nn.Conv(scaled_width(width, self.width_multiplier), (3, 3), padding=1, kernel_init=_conv_init,
-                    dtype=self.dtype)(x)
+        x = nn.Conv(
+          scaled_width(width, self.width_multiplier), (3, 3), padding=1, kernel_init=_conv_init, dtype=self.dtype
+        )(x)
         if self.batch_norm:
           # torch momentum 0.1 is Flax momentum 0.9. Under jit over a sharded batch the statistics
           # are computed over the global batch.
-          x = nn.BatchNorm(use_running_average=not train or self.frozen_features, momentum=0.9, epsilon=1e-5,
-                           dtype=self.dtype)(x)
+          x = nn.BatchNorm(
+            use_running_average=not train or self.frozen_features, momentum=0.9, epsilon=1e-5, dtype=self.dtype
+          )(x)
         x = nn.relu(x)
       if index == len(self.stages) - 1:
         self.sow("intermediates", LAST_CONV_FEATURES, x)
@@ -118,9 +120,14 @@ class VGG16(nn.Module):
 
 def create_model(model_config: Any, num_classes: int, *, frozen_features: bool = False) -> VGG16:
   """Builds the VGG16 a config's `model` block describes."""
-  return VGG16(num_classes=num_classes, batch_norm=model_config.batch_norm,
-               width_multiplier=model_config.width_multiplier, dropout_rate=model_config.dropout_rate,
-               dtype=jnp.dtype(model_config.dtype), frozen_features=frozen_features)
+  return VGG16(
+    num_classes=num_classes,
+    batch_norm=model_config.batch_norm,
+    width_multiplier=model_config.width_multiplier,
+    dropout_rate=model_config.dropout_rate,
+    dtype=jnp.dtype(model_config.dtype),
+    frozen_features=frozen_features,
+  )
 
 
 def init_variables(model: nn.Module, image_size: int, key: jax.Array) -> dict[str, Any]:

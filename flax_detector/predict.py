@@ -14,23 +14,24 @@ next `cat.*`), and adds its path as a CSV column `explanation`. The maps come fr
 call as the scores.
 """
 
-from collections.abc import Sequence
 import contextlib
 import csv
 import dataclasses
 import os
 import re
 import sys
+from collections.abc import Sequence
 
+import numpy as np
 from absl import app, flags
 from etils import epath
-import numpy as np
 from PIL import Image
 
 from flax_detector import errors, gradcam, inference
 from flax_detector.data.decode import UnreadableImageError, read_image
 from flax_detector.data.folder import DEFAULT_MAX_IMAGE_PIXELS, list_images
 from flax_detector.data.probe import printable, probe_file
+
 
 @dataclasses.dataclass(frozen=True)
 class Decision:
@@ -118,9 +119,15 @@ class OverlayWriter:
     return os.fspath(target)
 
 
-def predict(workdir: str, paths: Sequence[str], output: str | None, batch_size: int | None,
-            threshold: float | None = None, unsure: tuple[float, float] | None = None,
-            explain_dir: str | None = None) -> int:
+def predict(
+  workdir: str,
+  paths: Sequence[str],
+  output: str | None,
+  batch_size: int | None,
+  threshold: float | None = None,
+  unsure: tuple[float, float] | None = None,
+  explain_dir: str | None = None,
+) -> int:
   """Writes the CSV (and, with explain_dir, one Grad-CAM overlay per image) and returns the images classified."""
   detector = inference.load_detector(workdir, batch_size)
   names = detector.class_names
@@ -132,12 +139,16 @@ def predict(workdir: str, paths: Sequence[str], output: str | None, batch_size: 
   with open(output, "w", newline="") if output else contextlib.nullcontext(sys.stdout) as stream:
     writer = csv.writer(stream, lineterminator="\n")
     writer.writerow(["path", "p_ai", "label"] + (["explanation"] if overlays else []))
-    for batch in inference.stream_scores(detector, expand_paths(paths), _image_loader(detector), "predict",
-                                         explain=overlays is not None):
+    for batch in inference.stream_scores(
+      detector, expand_paths(paths), _image_loader(detector), "predict", explain=overlays is not None
+    ):
       probabilities = detector.calibration.probabilities(batch.log_probs)
       for index, (path, row) in enumerate(zip(batch.items, probabilities)):
-        label = (decision.label(float(row[positive]), names[positive], negative_name) if negative_name
-                 else names[int(np.argmax(row))])
+        label = (
+          decision.label(float(row[positive]), names[positive], negative_name)
+          if negative_name
+          else names[int(np.argmax(row))]
+        )
         explanation = [printable(overlays.write(path, batch.images[index], batch.view_cams[index]))] if overlays else []
         writer.writerow([printable(path), f"{row[positive]:.6f}", label] + explanation)
       written += len(batch.items)
@@ -152,11 +163,19 @@ def _define_flags() -> None:
   flags.DEFINE_string("workdir", None, "Training workdir holding config.json and checkpoints/.")
   flags.DEFINE_string("output", None, "CSV file to write; stdout when unset.")
   flags.DEFINE_integer("batch_size", None, "Images per inference batch; defaults to the config's eval_batch_size.")
-  flags.DEFINE_float("threshold", None, "Decision threshold on the calibrated p_ai; default: the one chosen on the "
-                     "run's validation split (calibration.json), or 0.5 for runs without one.")
+  flags.DEFINE_float(
+    "threshold",
+    None,
+    "Decision threshold on the calibrated p_ai; default: the one chosen on the "
+    "run's validation split (calibration.json), or 0.5 for runs without one.",
+  )
   flags.DEFINE_list("unsure", None, "LO,HI: label images whose p_ai lies strictly between LO and HI `unsure`.")
-  flags.DEFINE_string("explain", None, "OUT_DIR: also write a Grad-CAM overlay PNG per image there, showing where "
-                      "the evidence for the positive class lies; the CSV gains an `explanation` column.")
+  flags.DEFINE_string(
+    "explain",
+    None,
+    "OUT_DIR: also write a Grad-CAM overlay PNG per image there, showing where "
+    "the evidence for the positive class lies; the CSV gains an `explanation` column.",
+  )
   flags.DEFINE_bool("verbose", False, "Show library log lines (checkpoint restore, compilation) on stderr.")
   flags.mark_flag_as_required("workdir")
 
@@ -169,8 +188,9 @@ def main(argv: list[str]) -> None:
     inference.quiet_library_logs()
   try:
     with errors.as_user_errors():
-      written = predict(FLAGS.workdir, paths, FLAGS.output, FLAGS.batch_size, FLAGS.threshold,
-                        parse_unsure(FLAGS.unsure), FLAGS.explain)
+      written = predict(
+        FLAGS.workdir, paths, FLAGS.output, FLAGS.batch_size, FLAGS.threshold, parse_unsure(FLAGS.unsure), FLAGS.explain
+      )
   except errors.UserError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)

@@ -5,8 +5,8 @@ import threading
 import types
 from typing import Any
 
-from absl import logging
 import jax
+from absl import logging
 
 from flax_detector.checkpoint import Checkpointer
 

@@ -16,23 +16,29 @@ epath, prepared.json last: readers require prepared.json, so a partial copy is n
 """
 
 import collections
-from collections.abc import Iterator, Sequence
-from concurrent import futures
 import functools
 import json
 import sys
 import tempfile
 import time
-from typing import Any
 import uuid
+from collections.abc import Iterator, Sequence
+from concurrent import futures
+from typing import Any
 
 from absl import app, flags, logging
 from array_record.python import array_record_module
 from etils import epath
 
 from flax_detector import workdir
-from flax_detector.data.array_record import (FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, RECORD_FORMAT,
-                                             encode_record, shard_name)
+from flax_detector.data.array_record import (
+  FORMAT_VERSION,
+  INDEX_NAME,
+  MANIFEST_NAME,
+  RECORD_FORMAT,
+  encode_record,
+  shard_name,
+)
 from flax_detector.data.decode import read_bytes, read_or_skip
 from flax_detector.data.folder import ImageFolderSource
 from flax_detector.data.probe import printable
@@ -43,7 +49,6 @@ IMAGES_PER_SHARD = 1000
 WRITER_OPTIONS = "group_size:1"
 
 
-
 def default_num_shards(num_images: int) -> int:
   return max(1, round(num_images / IMAGES_PER_SHARD))
 
@@ -52,8 +57,9 @@ def _check_destination(data_dir: str, out: str, overwrite: bool) -> None:
   """Fails before any work when DST would clobber data: a non-empty DST needs --overwrite, SRC never goes."""
   src, dst = workdir.absolute(data_dir), workdir.absolute(out)
   if dst == src or dst in src.parents:
-    raise ValueError(f"--out={out} is --data_dir={data_dir} or holds it; choose another folder (--overwrite would "
-                     f"delete the images)")
+    raise ValueError(
+      f"--out={out} is --data_dir={data_dir} or holds it; choose another folder (--overwrite would delete the images)"
+    )
   if dst.exists() and not dst.is_dir():
     raise FileExistsError(f"--out={out} is a file; choose a folder")
   if dst.exists() and any(True for _ in dst.iterdir()) and not overwrite:
@@ -66,8 +72,9 @@ def _index(data_dir: str, class_names: Sequence[str]) -> dict[str, ImageFolderSo
     return {split: ImageFolderSource(data_dir, split, class_names) for split in SPLITS}
   except (FileNotFoundError, ValueError) as error:
     # ImageFolderSource speaks of the training config; name this command's flags too.
-    raise type(error)(f"{error} (flax_detector.prepare: --data_dir={data_dir} "
-                      f"--class_names={','.join(class_names)})") from error
+    raise type(error)(
+      f"{error} (flax_detector.prepare: --data_dir={data_dir} --class_names={','.join(class_names)})"
+    ) from error
 
 
 def _read_in_order(paths: Sequence[str], num_threads: int) -> Iterator[bytes | None]:
@@ -93,8 +100,14 @@ def _open_writer(path: epath.Path) -> array_record_module.ArrayRecordWriter:
   return writer
 
 
-def _write_split(source: ImageFolderSource, split: str, class_names: Sequence[str], staging: epath.Path,
-                 num_shards: int, num_threads: int) -> dict[str, Any]:
+def _write_split(
+  source: ImageFolderSource,
+  split: str,
+  class_names: Sequence[str],
+  staging: epath.Path,
+  num_shards: int,
+  num_threads: int,
+) -> dict[str, Any]:
   """Writes one split's shards and index.json into staging/<split>; returns its prepared.json entry.
 
   Shard s takes the listed files [n*s/N, n*(s+1)/N), so the shards concatenate to the folder's order;
@@ -133,11 +146,24 @@ def _write_split(source: ImageFolderSource, split: str, class_names: Sequence[st
   if empty:
     raise ValueError(f"{split}/: no readable image of class {empty} (skipped {skipped}); fix or add images")
   (staging / split / INDEX_NAME).write_text(json.dumps({"keys": keys, "labels": labels, "sizes": sizes}))
-  logging.info("%s: %d images (%s), %.1f MB in %d shards; %d unreadable skipped%s", split, len(keys),
-               ", ".join(f"{name}={count}" for name, count in counts.items()), num_bytes / 1e6, num_shards,
-               len(skipped), f": {skipped}" if skipped else "")
-  return {"num_records": len(keys), "counts": counts, "skipped": skipped, "num_bytes": num_bytes,
-          "index": f"{split}/{INDEX_NAME}", "shards": [f"{split}/{name}" for name in names]}
+  logging.info(
+    "%s: %d images (%s), %.1f MB in %d shards; %d unreadable skipped%s",
+    split,
+    len(keys),
+    ", ".join(f"{name}={count}" for name, count in counts.items()),
+    num_bytes / 1e6,
+    num_shards,
+    len(skipped),
+    f": {skipped}" if skipped else "",
+  )
+  return {
+    "num_records": len(keys),
+    "counts": counts,
+    "skipped": skipped,
+    "num_bytes": num_bytes,
+    "index": f"{split}/{INDEX_NAME}",
+    "shards": [f"{split}/{name}" for name in names],
+  }
 
 
 def _staging_folder(out: str) -> epath.Path:
@@ -164,8 +190,14 @@ def _publish(staging: epath.Path, out: str, manifest: dict[str, Any]) -> None:
     (staging / name).copy(dst / name, overwrite=True)
 
 
-def prepare(data_dir: str, out: str, class_names: Sequence[str], num_shards: int | None = None,
-            overwrite: bool = False, num_threads: int = 16) -> dict[str, Any]:
+def prepare(
+  data_dir: str,
+  out: str,
+  class_names: Sequence[str],
+  num_shards: int | None = None,
+  overwrite: bool = False,
+  num_threads: int = 16,
+) -> dict[str, Any]:
   """Writes the prepared copy of data_dir to out and returns its prepared.json content."""
   start = time.monotonic()
   class_names = list(class_names)
@@ -174,20 +206,33 @@ def prepare(data_dir: str, out: str, class_names: Sequence[str], num_shards: int
   staging = _staging_folder(out)
   try:
     staging.mkdir(parents=True, exist_ok=True)
-    splits = {split: _write_split(source, split, class_names, staging,
-                                  num_shards or default_num_shards(len(source)), num_threads)
-              for split, source in sources.items()}
-    manifest = {"version": FORMAT_VERSION, "record_format": RECORD_FORMAT, "class_names": class_names,
-                "source": data_dir, "splits": splits}
+    splits = {
+      split: _write_split(
+        source, split, class_names, staging, num_shards or default_num_shards(len(source)), num_threads
+      )
+      for split, source in sources.items()
+    }
+    manifest = {
+      "version": FORMAT_VERSION,
+      "record_format": RECORD_FORMAT,
+      "class_names": class_names,
+      "source": data_dir,
+      "splits": splits,
+    }
     (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     _publish(staging, out, manifest)
   finally:
     if staging.exists():
       staging.rmtree()
   skipped = sum(len(entry["skipped"]) for entry in splits.values())
-  logging.info("Prepared %s from %s in %.1f s: %s; %d unreadable file(s) skipped", out, data_dir,
-               time.monotonic() - start, ", ".join(f"{split}={entry['num_records']}" for split, entry in
-                                                    splits.items()), skipped)
+  logging.info(
+    "Prepared %s from %s in %.1f s: %s; %d unreadable file(s) skipped",
+    out,
+    data_dir,
+    time.monotonic() - start,
+    ", ".join(f"{split}={entry['num_records']}" for split, entry in splits.items()),
+    skipped,
+  )
   return manifest
 
 
@@ -195,13 +240,18 @@ def _define_flags() -> None:
   """Defined only when run as a program, so that importing prepare() defines no flags."""
   flags.DEFINE_string("data_dir", None, "Image folder holding train/<class>/... and test/<class>/... (local or gs://).")
   flags.DEFINE_string("out", None, "Folder to write the prepared copy to (local or gs://); must be empty or absent.")
-  flags.DEFINE_integer("num_shards", None, "Shards per split; default about one per 1000 images, at least 1.",
-                       lower_bound=1)
-  flags.DEFINE_list("class_names", ["human-art", "ai-generated"],
-                    "Class folders in label order; must equal the training config's data.class_names.")
+  flags.DEFINE_integer(
+    "num_shards", None, "Shards per split; default about one per 1000 images, at least 1.", lower_bound=1
+  )
+  flags.DEFINE_list(
+    "class_names",
+    ["human-art", "ai-generated"],
+    "Class folders in label order; must equal the training config's data.class_names.",
+  )
   flags.DEFINE_bool("overwrite", False, "Replace --out when it is not empty.")
-  flags.DEFINE_integer("num_threads", 16, "Files read and checked in parallel (reading from a bucket is "
-                       "latency-bound).", lower_bound=1)
+  flags.DEFINE_integer(
+    "num_threads", 16, "Files read and checked in parallel (reading from a bucket is latency-bound).", lower_bound=1
+  )
   flags.mark_flags_as_required(["data_dir", "out"])
 
 
@@ -210,8 +260,9 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   options = flags.FLAGS
   try:
-    prepare(options.data_dir, options.out, options.class_names, options.num_shards, options.overwrite,
-            options.num_threads)
+    prepare(
+      options.data_dir, options.out, options.class_names, options.num_shards, options.overwrite, options.num_threads
+    )
   except (OSError, ValueError) as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)  # A path or setting the person can fix: exit 2, as main, audit, evaluate and predict do.

@@ -29,8 +29,13 @@ class AugmentOptions:
   @classmethod
   def from_config(cls, data: ml_collections.ConfigDict) -> "AugmentOptions":
     """The options of a config that config_validation.validate has accepted."""
-    return cls(data.flip_probability, data.jpeg_probability, (data.jpeg_quality_min, data.jpeg_quality_max),
-               data.blur_probability, (data.blur_sigma_min, data.blur_sigma_max))
+    return cls(
+      data.flip_probability,
+      data.jpeg_probability,
+      (data.jpeg_quality_min, data.jpeg_quality_max),
+      data.blur_probability,
+      (data.blur_sigma_min, data.blur_sigma_max),
+    )
 
 
 def shared_crop_size(sizes: np.ndarray, image_size: int, quantile: float, minimum: int) -> int:
@@ -63,7 +68,7 @@ def resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def crop(image: np.ndarray, top: int, left: int, size: int) -> np.ndarray:
-  return image[top:top + size, left:left + size]
+  return image[top : top + size, left : left + size]
 
 
 def random_crop(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -88,8 +93,9 @@ def _resize_or_pad(image: np.ndarray, size: int, mode: str) -> np.ndarray:
   return pad_to_at_least(image, size)
 
 
-def train_transform(image: np.ndarray, size: int, mode: str, options: AugmentOptions,
-                    rng: np.random.Generator) -> np.ndarray:
+def train_transform(
+  image: np.ndarray, size: int, mode: str, options: AugmentOptions, rng: np.random.Generator
+) -> np.ndarray:
   """Random crop, flip, blur and JPEG re-compression: uint8[H, W, 3] to uint8[size, size, 3].
 
   Every random draw is made, used or not, so one choice never shifts the others' random streams.
@@ -122,5 +128,10 @@ def eval_transform(image: np.ndarray, size: int, mode: str, grid: int = 1) -> np
   """
   image = _resize_or_pad(image, size, mode)
   height, width = image.shape[:2]
-  return np.stack([crop(image, top, left, size) for top in grid_offsets(height, size, grid)
-                   for left in grid_offsets(width, size, grid)])
+  return np.stack(
+    [
+      crop(image, top, left, size)
+      for top in grid_offsets(height, size, grid)
+      for left in grid_offsets(width, size, grid)
+    ]
+  )

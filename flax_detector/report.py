@@ -5,12 +5,12 @@ figures to TensorBoard) and by `flax_detector.evaluate` (which adds robustness a
 report). Everything here works on host arrays of view-averaged log-probabilities.
 """
 
-from collections.abc import Sequence
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
-from etils import epath
 import numpy as np
+from etils import epath
 
 from flax_detector import binary_metrics, calibration, report_figures
 from flax_detector import workdir as workdir_layout
@@ -47,15 +47,15 @@ def fit_calibration(log_probs: np.ndarray, labels: np.ndarray, positive: int) ->
   before = calibration.apply_temperature(log_probs, 1.0)[:, positive]
   after = calibration.apply_temperature(log_probs, temperature)[:, positive]
   return {
-      "temperature": temperature,
-      "threshold": calibration.choose_threshold(after, is_positive),
-      "fitted_on": "validation",
-      "temperature_note": note,
-      "num_examples": int(len(labels)),
-      "ece_before": binary_metrics.expected_calibration_error(before, is_positive),
-      "ece_after": binary_metrics.expected_calibration_error(after, is_positive),
-      "nll_before": calibration.negative_log_likelihood(log_probs, labels, 1.0),
-      "nll_after": calibration.negative_log_likelihood(log_probs, labels, temperature),
+    "temperature": temperature,
+    "threshold": calibration.choose_threshold(after, is_positive),
+    "fitted_on": "validation",
+    "temperature_note": note,
+    "num_examples": int(len(labels)),
+    "ece_before": binary_metrics.expected_calibration_error(before, is_positive),
+    "ece_after": binary_metrics.expected_calibration_error(after, is_positive),
+    "nll_before": calibration.negative_log_likelihood(log_probs, labels, 1.0),
+    "nll_after": calibration.negative_log_likelihood(log_probs, labels, temperature),
   }
 
 
@@ -68,8 +68,7 @@ def load_calibration(workdir: epath.PathLike) -> Calibration:
   return Calibration(temperature=float(fitted["temperature"]), threshold=float(fitted["threshold"]))
 
 
-def summarize_scores(log_probs: np.ndarray, labels: np.ndarray, positive: int,
-                     fitted: Calibration) -> dict[str, Any]:
+def summarize_scores(log_probs: np.ndarray, labels: np.ndarray, positive: int, fitted: Calibration) -> dict[str, Any]:
   """binary_metrics.summarize on the calibrated scores at the fitted threshold, plus ECE before calibration."""
   is_positive = np.asarray(labels) == positive
   summary = binary_metrics.summarize(fitted.probabilities(log_probs)[:, positive], is_positive, fitted.threshold)
@@ -79,8 +78,15 @@ def summarize_scores(log_probs: np.ndarray, labels: np.ndarray, positive: int,
   return summary
 
 
-def write_score_figures(directory: epath.Path, log_probs: np.ndarray, labels: np.ndarray, positive: int,
-                        class_names: Sequence[str], fitted: Calibration, summary: dict[str, Any]) -> list[str]:
+def write_score_figures(
+  directory: epath.Path,
+  log_probs: np.ndarray,
+  labels: np.ndarray,
+  positive: int,
+  class_names: Sequence[str],
+  fitted: Calibration,
+  summary: dict[str, Any],
+) -> list[str]:
   """Writes SCORE_FIGURES into `directory` and returns their names.
 
   The confusion matrix is drawn in (negative, positive) order, as summarize counts it.
@@ -94,10 +100,14 @@ def write_score_figures(directory: epath.Path, log_probs: np.ndarray, labels: np
   report_figures.confusion_matrix_figure(summary["confusion_matrix"], ordered_names, directory / SCORE_FIGURES[0])
   report_figures.roc_figure(calibrated, is_positive, directory / SCORE_FIGURES[1], summary["roc_auc"])
   report_figures.pr_figure(calibrated, is_positive, directory / SCORE_FIGURES[2], summary["average_precision"])
-  report_figures.score_histogram_figure(calibrated, is_positive, ordered_names, fitted.threshold,
-                                        directory / SCORE_FIGURES[3])
+  report_figures.score_histogram_figure(
+    calibrated, is_positive, ordered_names, fitted.threshold, directory / SCORE_FIGURES[3]
+  )
   report_figures.reliability_figure(
-      binary_metrics.reliability_bins(raw, is_positive),
-      None if fitted.temperature == 1.0 else binary_metrics.reliability_bins(calibrated, is_positive),
-      directory / SCORE_FIGURES[4], summary["ece"], None if fitted.temperature == 1.0 else summary["ece_calibrated"])
+    binary_metrics.reliability_bins(raw, is_positive),
+    None if fitted.temperature == 1.0 else binary_metrics.reliability_bins(calibrated, is_positive),
+    directory / SCORE_FIGURES[4],
+    summary["ece"],
+    None if fitted.temperature == 1.0 else summary["ece_calibrated"],
+  )
   return list(SCORE_FIGURES)

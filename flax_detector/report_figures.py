@@ -5,18 +5,18 @@ order and the trainer can send the same PNGs to TensorBoard (`figure_to_tensorbo
 built on `matplotlib.figure.Figure` rather than pyplot: no global figure state to leak between calls.
 """
 
-from collections.abc import Sequence
 import io
 import math
+from collections.abc import Sequence
 from typing import Any
 
-from etils import epath
 import matplotlib
+from etils import epath
 
 matplotlib.use("Agg")  # off-screen: evaluation runs on machines without a display
 
-from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top,wrong-import-position
 from PIL import Image  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from flax_detector import binary_metrics  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -47,8 +47,9 @@ def _format(value: float | None) -> str:
   return "n/a" if value is None else f"{value:.3f}"
 
 
-def confusion_matrix_figure(confusion: Sequence[Sequence[int]], class_names: Sequence[str],
-                            path: epath.PathLike) -> None:
+def confusion_matrix_figure(
+  confusion: Sequence[Sequence[int]], class_names: Sequence[str], path: epath.PathLike
+) -> None:
   """Counts with row percentages (the recall of each true class), coloured by the row share."""
   counts = np.asarray(confusion, np.int64)
   totals = counts.sum(axis=1, keepdims=True)
@@ -58,8 +59,15 @@ def confusion_matrix_figure(confusion: Sequence[Sequence[int]], class_names: Seq
   image = axes.imshow(shares, cmap="Blues", vmin=0, vmax=1)
   figure.colorbar(image, ax=axes, label="share of the true class")
   for (row, col), count in np.ndenumerate(counts):
-    axes.text(col, row, f"{count}\n({100 * shares[row, col]:.1f}%)", ha="center", va="center",
-              color="white" if shares[row, col] > 0.5 else "black", fontsize=12)
+    axes.text(
+      col,
+      row,
+      f"{count}\n({100 * shares[row, col]:.1f}%)",
+      ha="center",
+      va="center",
+      color="white" if shares[row, col] > 0.5 else "black",
+      fontsize=12,
+    )
   ticks = range(len(class_names))
   axes.set_xticks(ticks, class_names)
   axes.set_yticks(ticks, class_names)
@@ -80,8 +88,13 @@ def roc_figure(p: np.ndarray, y: np.ndarray, path: epath.PathLike, auc: float | 
   axes = figure.add_subplot()
   axes.plot(fpr, tpr, lw=2, label=f"detector (AUC = {_format(auc)})")
   axes.plot([0, 1], [0, 1], ls="--", color="0.6", label="chance")
-  axes.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate (human art called AI)",
-           ylabel="true positive rate (AI art caught)", title="ROC curve")
+  axes.set(
+    xlim=(0, 1),
+    ylim=(0, 1.01),
+    xlabel="false positive rate (human art called AI)",
+    ylabel="true positive rate (AI art caught)",
+    title="ROC curve",
+  )
   axes.set_aspect("equal")
   axes.grid(alpha=0.3)
   axes.legend(loc="lower right")
@@ -99,15 +112,21 @@ def pr_figure(p: np.ndarray, y: np.ndarray, path: epath.PathLike, ap: float | No
   axes = figure.add_subplot()
   axes.step(recall, precision, where="post", lw=2, label=f"detector (AP = {_format(ap)})")
   axes.axhline(y.mean(), ls="--", color="0.6", label=f"chance (positive share {y.mean():.2f})")
-  axes.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="recall (AI art caught)", ylabel="precision (AI calls that are right)",
-           title="Precision-recall curve, positive class = AI")
+  axes.set(
+    xlim=(0, 1),
+    ylim=(0, 1.01),
+    xlabel="recall (AI art caught)",
+    ylabel="precision (AI calls that are right)",
+    title="Precision-recall curve, positive class = AI",
+  )
   axes.grid(alpha=0.3)
   axes.legend(loc="lower left")
   _save(figure, path)
 
 
-def score_histogram_figure(p: np.ndarray, y: np.ndarray, class_names: Sequence[str], threshold: float,
-                           path: epath.PathLike) -> None:
+def score_histogram_figure(
+  p: np.ndarray, y: np.ndarray, class_names: Sequence[str], threshold: float, path: epath.PathLike
+) -> None:
   """Histograms of p_ai per true class and the decision threshold: shows overlap and where errors come from."""
   p = np.asarray(p, np.float64)
   y = np.asarray(y).astype(bool)
@@ -122,9 +141,13 @@ def score_histogram_figure(p: np.ndarray, y: np.ndarray, class_names: Sequence[s
   _save(figure, path)
 
 
-def reliability_figure(bins_before: binary_metrics.ReliabilityBins,
-                       bins_after: binary_metrics.ReliabilityBins | None, path: epath.PathLike,
-                       ece_before: float, ece_after: float | None) -> None:
+def reliability_figure(
+  bins_before: binary_metrics.ReliabilityBins,
+  bins_after: binary_metrics.ReliabilityBins | None,
+  path: epath.PathLike,
+  ece_before: float,
+  ece_after: float | None,
+) -> None:
   """Accuracy against confidence per bin, before and (if fitted) after temperature scaling.
 
   Points on the diagonal are calibrated; below it the model is over-confident. Marker area grows with the
@@ -138,12 +161,17 @@ def reliability_figure(bins_before: binary_metrics.ReliabilityBins,
     curves.append((bins_after, f"after temperature scaling (ECE = {_format(ece_after)})", "s"))
   for bins, label, marker in curves:
     filled = bins.count > 0
-    line, = axes.plot(bins.confidence[filled], bins.accuracy[filled], lw=1.5, label=label)
+    (line,) = axes.plot(bins.confidence[filled], bins.accuracy[filled], lw=1.5, label=label)
     sizes = 20 + 200 * bins.count[filled] / max(1, bins.count.max())
     axes.scatter(bins.confidence[filled], bins.accuracy[filled], s=sizes, marker=marker, color=line.get_color())
   lowest = min(0.5, float(bins_before.edges[np.argmax(bins_before.count > 0)]))
-  axes.set(xlim=(lowest, 1.02), ylim=(min(lowest, 0.4), 1.04), xlabel="confidence (probability of the predicted class)",
-           ylabel="accuracy", title="Reliability (marker size: images per bin)")
+  axes.set(
+    xlim=(lowest, 1.02),
+    ylim=(min(lowest, 0.4), 1.04),
+    xlabel="confidence (probability of the predicted class)",
+    ylabel="accuracy",
+    title="Reliability (marker size: images per bin)",
+  )
   axes.grid(alpha=0.3)
   axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12))
   _save(figure, path)
@@ -166,14 +194,23 @@ def robustness_figure(rows: Sequence[dict[str, Any]], path: epath.PathLike) -> N
   if rows and rows[0].get("accuracy") is not None:
     axes.axhline(rows[0]["accuracy"], color="0.3", ls=":", lw=1, label=f"{names[0]} accuracy")
   axes.set_xticks(positions, names, rotation=30, ha="right")
-  axes.set(xlim=(-0.6, len(rows) - 0.4), ylim=(0, 1.12), ylabel="score", xlabel="perturbation of every test image",
-           title="Robustness to re-compression, resizing and blur")
+  axes.set(
+    xlim=(-0.6, len(rows) - 0.4),
+    ylim=(0, 1.12),
+    ylabel="score",
+    xlabel="perturbation of every test image",
+    title="Robustness to re-compression, resizing and blur",
+  )
   axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
   _save(figure, path)
 
 
-def mistakes_figure(items: Sequence[tuple[np.ndarray, float, str, str]], path: epath.PathLike,
-                    columns: int = 4, title: str = "Most confident mistakes") -> None:
+def mistakes_figure(
+  items: Sequence[tuple[np.ndarray, float, str, str]],
+  path: epath.PathLike,
+  columns: int = 4,
+  title: str = "Most confident mistakes",
+) -> None:
   """A grid of the most confident errors, titled "true: X, p_ai=0.97" and the file name.
 
   Looking at them is the quickest way to spot label noise or a shortcut (watermarks, borders, one artist);

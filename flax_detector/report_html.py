@@ -6,28 +6,28 @@ attached to an issue or copied off a TPU VM and still show everything. All text 
 """
 
 import base64
-from collections.abc import Sequence
 import html
+from collections.abc import Sequence
 from typing import Any
 
 from etils import epath
 
 # Headline rows: report key, label. Keys missing from the report are left out; a None value reads "n/a".
 HEADLINE = (
-    ("accuracy", "Accuracy"),
-    ("balanced_accuracy", "Balanced accuracy"),
-    ("precision", "Precision (AI)"),
-    ("recall", "Recall (AI)"),
-    ("f1", "F1 (AI)"),
-    ("roc_auc", "ROC AUC"),
-    ("average_precision", "Average precision"),
-    ("ece", "ECE (before temperature scaling)"),
-    ("ece_calibrated", "ECE (after temperature scaling)"),
-    ("temperature", "Temperature"),
-    ("brier", "Brier score"),
-    ("threshold", "Decision threshold on p(AI)"),
-    ("checkpoint_step", "Checkpoint step"),
-    ("num_examples", "Images"),
+  ("accuracy", "Accuracy"),
+  ("balanced_accuracy", "Balanced accuracy"),
+  ("precision", "Precision (AI)"),
+  ("recall", "Recall (AI)"),
+  ("f1", "F1 (AI)"),
+  ("roc_auc", "ROC AUC"),
+  ("average_precision", "Average precision"),
+  ("ece", "ECE (before temperature scaling)"),
+  ("ece_calibrated", "ECE (after temperature scaling)"),
+  ("temperature", "Temperature"),
+  ("brier", "Brier score"),
+  ("threshold", "Decision threshold on p(AI)"),
+  ("checkpoint_step", "Checkpoint step"),
+  ("num_examples", "Images"),
 )
 
 _STYLE = """
@@ -67,18 +67,25 @@ def _confusion(report: dict[str, Any]) -> str:
 
 
 def _robustness(rows: Sequence[dict[str, Any]]) -> str:
-  return ("<h2>Robustness</h2><p>The whole test set scored again after each perturbation.</p>"
-          + _table(("perturbation", "accuracy", "ROC AUC"),
-                   [(row["name"], row.get("accuracy"), row.get("roc_auc")) for row in rows]))
+  return "<h2>Robustness</h2><p>The whole test set scored again after each perturbation.</p>" + _table(
+    ("perturbation", "accuracy", "ROC AUC"), [(row["name"], row.get("accuracy"), row.get("roc_auc")) for row in rows]
+  )
 
 
 def _audit(audit: dict[str, Any]) -> str:
   """The training folder's shortcut audit: can file metadata alone (size, format, ...) tell the classes apart?"""
   css_class = ' class="warning"' if audit.get("shortcut") else ""
-  return ("<h2>Shortcut audit of the training folder</h2>"
-          f"<p{css_class}>{html.escape(str(audit.get('finding', 'no finding recorded')))}</p>"
-          + _table(("", "accuracy"), [("metadata-only classifier (held out)", audit.get("metadata_accuracy")),
-                                      ("chance (majority class)", audit.get("chance_accuracy"))]))
+  return (
+    "<h2>Shortcut audit of the training folder</h2>"
+    f"<p{css_class}>{html.escape(str(audit.get('finding', 'no finding recorded')))}</p>"
+    + _table(
+      ("", "accuracy"),
+      [
+        ("metadata-only classifier (held out)", audit.get("metadata_accuracy")),
+        ("chance (majority class)", audit.get("chance_accuracy")),
+      ],
+    )
+  )
 
 
 def _metadata_overlap(overlap: dict[str, Any]) -> str:
@@ -87,20 +94,27 @@ def _metadata_overlap(overlap: dict[str, Any]) -> str:
   parts = ["<h2>Where metadata cannot give the answer</h2>"]
   if "finding" in overlap:
     parts.append(f"<p{css_class}>These images: {html.escape(str(overlap['finding']))}</p>")
-  rows = [(key.replace("_", " "), value) for key, value in overlap.items()
-          if key not in ("finding", "shortcut") and not isinstance(value, dict)]
+  rows = [
+    (key.replace("_", " "), value)
+    for key, value in overlap.items()
+    if key not in ("finding", "shortcut") and not isinstance(value, dict)
+  ]
   parts.append(_table(("", "value"), rows))
   return "".join(parts)
 
 
 def _mistakes(mistakes: dict[str, Any]) -> str:
   """The most confident errors by name, and how to read their Grad-CAM grid."""
-  return ("<h2>Most confident mistakes</h2>"
-          f"<p>{html.escape(mistakes['figure'])} shows them; {html.escape(mistakes['gradcam_figure'])} shows the "
-          "same images with a Grad-CAM heat map of where the detector found evidence for the positive class "
-          f"(red: most; untinted: none, or not seen by any crop). Target: {html.escape(mistakes['gradcam_target'])}."
-          "</p>" + _table(("file", "true class", "p_ai"),
-                          [(item["name"], item["true_class"], item["p_ai"]) for item in mistakes["images"]]))
+  return (
+    "<h2>Most confident mistakes</h2>"
+    f"<p>{html.escape(mistakes['figure'])} shows them; {html.escape(mistakes['gradcam_figure'])} shows the "
+    "same images with a Grad-CAM heat map of where the detector found evidence for the positive class "
+    f"(red: most; untinted: none, or not seen by any crop). Target: {html.escape(mistakes['gradcam_target'])}."
+    "</p>"
+    + _table(
+      ("file", "true class", "p_ai"), [(item["name"], item["true_class"], item["p_ai"]) for item in mistakes["images"]]
+    )
+  )
 
 
 def _figure(path: epath.Path) -> str:
@@ -134,6 +148,8 @@ def write_html(path: epath.PathLike, report: dict[str, Any], figure_names: Seque
   if figure_names:
     figures = [_figure(path.parent / name) for name in figure_names]
     sections.append("<h2>Figures</h2>" + "".join(figures))
-  page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-          f"<style>{_STYLE}</style></head>\n<body>\n" + "\n".join(sections) + "\n</body></html>\n")
+  page = (
+    f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+    f"<style>{_STYLE}</style></head>\n<body>\n" + "\n".join(sections) + "\n</body></html>\n"
+  )
   path.write_text(page)

@@ -9,9 +9,9 @@ Every perturbation is a pure, deterministic function `perturb(image, original_fo
 decoded uint8[H, W, 3] image and its file format as Pillow names it ("PNG", "JPEG", ...).
 """
 
-from collections.abc import Callable, Mapping
 import functools
 import types
+from collections.abc import Callable, Mapping
 
 import numpy as np
 from PIL import Image
@@ -58,7 +58,8 @@ def png_to_jpeg(image: np.ndarray, original_format: str, quality: int) -> np.nda
   return preprocess.jpeg_recompress(_check(image), quality)
 
 
-PERTURBATIONS: Mapping[str, Perturbation] = types.MappingProxyType({
+PERTURBATIONS: Mapping[str, Perturbation] = types.MappingProxyType(
+  {
     "jpeg_q90": functools.partial(jpeg, quality=90),
     "jpeg_q75": functools.partial(jpeg, quality=75),
     "jpeg_q50": functools.partial(jpeg, quality=50),
@@ -66,4 +67,5 @@ PERTURBATIONS: Mapping[str, Perturbation] = types.MappingProxyType({
     "downscale_0.25": functools.partial(downscale, factor=0.25),
     "blur_sigma1": functools.partial(blur, sigma=1.0),
     "png_to_jpeg_q95": functools.partial(png_to_jpeg, quality=95),
-})
+  }
+)

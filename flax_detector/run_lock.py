@@ -11,7 +11,6 @@ processes waiting on a coordinator that has exited. Remote workdirs (gs://...) c
 are used without a lock (logged).
 """
 
-from collections.abc import Iterator
 import contextlib
 import datetime
 import fcntl
@@ -19,6 +18,7 @@ import json
 import os
 import socket
 import sys
+from collections.abc import Iterator
 
 from absl import logging
 from etils import epath
@@ -37,8 +37,12 @@ def lock_path(workdir: epath.PathLike, process_index: int) -> epath.Path:
 
 
 def _owner() -> dict[str, object]:
-  return {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv),
-          "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+  return {
+    "pid": os.getpid(),
+    "host": socket.gethostname(),
+    "command": " ".join(sys.argv),
+    "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+  }
 
 
 def _describe_owner(path: epath.Path) -> str:
@@ -64,8 +68,9 @@ def hold(workdir: epath.PathLike, process_index: int = 0) -> Iterator[None]:
       fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       raise WorkdirInUseError(
-          f"--workdir={workdir} is in use by another run ({_describe_owner(path)}). Wait for it to finish, "
-          f"stop it, or use another --workdir.") from None
+        f"--workdir={workdir} is in use by another run ({_describe_owner(path)}). Wait for it to finish, "
+        f"stop it, or use another --workdir."
+      ) from None
     os.ftruncate(descriptor, 0)
     os.write(descriptor, (json.dumps(_owner()) + "\n").encode())
     yield

@@ -7,8 +7,9 @@ each process's devices contiguous: process p's local batch is rows [p*b, (p+1)*b
 from typing import Any
 
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
 SHARDING_STRATEGIES = ("dp", "fsdp")
@@ -48,21 +49,24 @@ def state_shardings(abstract_state: Any, mesh: Mesh, strategy: str) -> Any:
   weights when the step needs them. Both compute the same function of the same global batch.
   """
   if strategy == "fsdp":
-    return jax.tree.map(lambda leaf: NamedSharding(mesh, fsdp_spec(leaf.shape, mesh.shape[DATA_AXIS])),
-                        abstract_state)
+    return jax.tree.map(lambda leaf: NamedSharding(mesh, fsdp_spec(leaf.shape, mesh.shape[DATA_AXIS])), abstract_state)
   return jax.tree.map(lambda _: replicated(mesh), abstract_state)
 
 
 def bytes_per_device(abstract_tree: Any, shardings: Any) -> int:
   """Bytes the arrays of `abstract_tree` occupy on one device under `shardings` (nothing is allocated)."""
-  return sum(int(np.prod(sharding.shard_shape(leaf.shape))) * leaf.dtype.itemsize
-             for leaf, sharding in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings), strict=True))
+  return sum(
+    int(np.prod(sharding.shard_shape(leaf.shape))) * leaf.dtype.itemsize
+    for leaf, sharding in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings), strict=True)
+  )
 
 
 def check_divisible(batch_size: int, setting: str, mesh: Mesh) -> None:
   if batch_size % mesh.size:
-    raise ValueError(f"{setting}={batch_size} must be divisible by the {mesh.size} devices of the mesh "
-                     f"({jax.process_count()} process(es)); pick a multiple of {mesh.size}")
+    raise ValueError(
+      f"{setting}={batch_size} must be divisible by the {mesh.size} devices of the mesh "
+      f"({jax.process_count()} process(es)); pick a multiple of {mesh.size}"
+    )
 
 
 def to_global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:

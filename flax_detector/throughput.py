@@ -33,8 +33,15 @@ TORCH_REFERENCE = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "
 # Dense bf16 peak per chip in TFLOP/s, from the vendors' data sheets, by a substring of jax's device_kind
 # (first match wins, so the more specific names come first). Other devices and dtypes: measured.
 PUBLISHED_BF16_PEAK_TFLOPS = (
-    ("H100 PCIe", 756.0), ("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L4", 121.0),
-    ("TPU v6 lite", 918.0), ("TPU v5 lite", 197.0), ("TPU v5", 459.0), ("TPU v4", 275.0),
+  ("H100 PCIe", 756.0),
+  ("H200", 989.0),
+  ("H100", 989.0),
+  ("A100", 312.0),
+  ("L4", 121.0),
+  ("TPU v6 lite", 918.0),
+  ("TPU v5 lite", 197.0),
+  ("TPU v5", 459.0),
+  ("TPU v4", 275.0),
 )
 
 
@@ -74,10 +81,14 @@ def resident_batch(experiment: Any, batch_size: int, views: int = 0) -> dict[str
   side = experiment.config.image_size
   rng = np.random.default_rng(0)
   shape = (local, views, side, side, 3) if views else (local, side, side, 3)
-  return sharding.to_global_batch({
+  return sharding.to_global_batch(
+    {
       "image": rng.integers(0, 256, shape, dtype=np.uint8),
       "label": rng.integers(0, len(experiment.config.data.class_names), local).astype(np.int32),
-      "mask": np.ones(local, bool)}, experiment.batch_sharding)
+      "mask": np.ones(local, bool),
+    },
+    experiment.batch_sharding,
+  )
 
 
 @dataclasses.dataclass
@@ -116,19 +127,21 @@ class TrainStepTimer:
     steps_per_second = steps / best_seconds
     abstract, shardings = self.experiment.abstract_state, self.experiment.state_shardings
     return {
-        "train_steps_per_second": steps_per_second,
-        "train_images_per_second": steps_per_second * self.experiment.config.batch_size,
-        "train_compile_seconds": self.compile_seconds,
-        "train_gflop_per_image": self.flops_per_step * self.experiment.mesh.size / self.experiment.config.batch_size
-                                 / 1e9,
-        "train_mfu": self.flops_per_step * steps_per_second / peak[0],
-        "peak_tflops_per_device": peak[0] / 1e12,
-        "peak_source": peak[1],
-        "devices": self.experiment.mesh.size,
-        "device_kind": jax.devices()[0].device_kind,
-        "sharding": self.experiment.config.sharding,
-        "params_mib_per_device": sharding.bytes_per_device(abstract.params, shardings.params) / 2**20,
-        "optimizer_mib_per_device": sharding.bytes_per_device(abstract.opt_state, shardings.opt_state) / 2**20,
+      "train_steps_per_second": steps_per_second,
+      "train_images_per_second": steps_per_second * self.experiment.config.batch_size,
+      "train_compile_seconds": self.compile_seconds,
+      "train_gflop_per_image": self.flops_per_step
+      * self.experiment.mesh.size
+      / self.experiment.config.batch_size
+      / 1e9,
+      "train_mfu": self.flops_per_step * steps_per_second / peak[0],
+      "peak_tflops_per_device": peak[0] / 1e12,
+      "peak_source": peak[1],
+      "devices": self.experiment.mesh.size,
+      "device_kind": jax.devices()[0].device_kind,
+      "sharding": self.experiment.config.sharding,
+      "params_mib_per_device": sharding.bytes_per_device(abstract.params, shardings.params) / 2**20,
+      "optimizer_mib_per_device": sharding.bytes_per_device(abstract.opt_state, shardings.opt_state) / 2**20,
     }
 
 
@@ -144,19 +157,24 @@ def measure_eval_step(experiment: Any, steps: int, warmup: int, rounds: int = 1)
 
   run(warmup)
   images_per_second = steps * experiment.config.eval_batch_size / _best_seconds(lambda: run(steps), rounds)
-  return {"eval_images_per_second": images_per_second, "eval_views_per_image": views,
-          "eval_crops_per_second": images_per_second * views}
+  return {
+    "eval_images_per_second": images_per_second,
+    "eval_views_per_image": views,
+    "eval_crops_per_second": images_per_second * views,
+  }
 
 
 def measure_input(config: ml_collections.ConfigDict, steps: int, warmup: int) -> dict[str, float]:
   """Process-local images/s of the training pipeline, with the configured number of Grain workers."""
   splits = input_pipeline.load_splits(input_pipeline.SourceSettings.from_config(config))
-  dataset = input_pipeline.train_dataset(splits.train, input_pipeline.TrainSettings.from_config(config),
-                                         jax.process_index(), jax.process_count())
+  dataset = input_pipeline.train_dataset(
+    splits.train, input_pipeline.TrainSettings.from_config(config), jax.process_index(), jax.process_count()
+  )
   if len(dataset) < steps + warmup:
     raise ValueError(f"--steps={steps} + --warmup={warmup} exceed the {len(dataset)} training batches of this config")
-  with contextlib.closing(input_pipeline.make_iterator(dataset, config.data.worker_count,
-                                                      config.data.worker_buffer_size)) as iterator:
+  with contextlib.closing(
+    input_pipeline.make_iterator(dataset, config.data.worker_count, config.data.worker_buffer_size)
+  ) as iterator:
     for _ in range(warmup):
       next(iterator)
     start = time.perf_counter()
@@ -182,8 +200,10 @@ def measure_end_to_end(config: ml_collections.ConfigDict, steps: int) -> dict[st
   from flax_detector import train  # pylint: disable=g-import-not-at-top  (see main.py: keeps Grain workers light)
 
   if steps < 2 * config.log_every_steps:
-    raise ValueError(f"--e2e_steps={steps} logs the training loss fewer than twice at log_every_steps="
-                     f"{config.log_every_steps}; raise --e2e_steps or lower --config.log_every_steps to time the loop")
+    raise ValueError(
+      f"--e2e_steps={steps} logs the training loss fewer than twice at log_every_steps="
+      f"{config.log_every_steps}; raise --e2e_steps or lower --config.log_every_steps to time the loop"
+    )
   run_config = ml_collections.ConfigDict(config.to_dict())
   run_config.num_train_steps = steps
   with tempfile.TemporaryDirectory() as workdir:
@@ -193,10 +213,13 @@ def measure_end_to_end(config: ml_collections.ConfigDict, steps: int) -> dict[st
     logged = _train_log_times(workdir)
   (first_step, first_time), (last_step, last_time) = logged[0], logged[-1]
   steps_per_second = (last_step - first_step) / (last_time - first_time)
-  return {"e2e_steps_per_second": steps_per_second,
-          "e2e_images_per_second": steps_per_second * config.batch_size,
-          "e2e_total_seconds": total_seconds, "e2e_steps": steps,
-          "e2e_after_loop_seconds": total_seconds - (last_time - start)}
+  return {
+    "e2e_steps_per_second": steps_per_second,
+    "e2e_images_per_second": steps_per_second * config.batch_size,
+    "e2e_total_seconds": total_seconds,
+    "e2e_steps": steps,
+    "e2e_after_loop_seconds": total_seconds - (last_time - start),
+  }
 
 
 def torch_reference_args(experiment: Any, mode: str, steps: int, warmup: int, threads: int = 0) -> list[str]:
@@ -205,14 +228,25 @@ def torch_reference_args(experiment: Any, mode: str, steps: int, warmup: int, th
   device = {"gpu": "cuda", "cpu": "cpu"}.get(jax.default_backend())
   if device is None:
     raise ValueError(f"--compare_torch runs PyTorch on CPU or CUDA; this backend is {jax.default_backend()}")
-  return [f"--mode={mode}", f"--device={device}", f"--batch_size={config.batch_size}",
-          f"--image_size={config.image_size}", f"--width_multiplier={config.model.width_multiplier}",
-          "--batch_norm" if config.model.batch_norm else "--no-batch_norm", f"--dtype={config.model.dtype}",
-          f"--num_classes={len(config.data.class_names)}", f"--dropout_rate={config.model.dropout_rate}",
-          f"--learning_rate={config.learning_rate}", f"--weight_decay={config.weight_decay}",
-          f"--grad_clip_norm={config.grad_clip_norm}",
-          f"--warmup_steps={max(1, int(config.warmup_epochs * experiment.steps_per_epoch))}",
-          f"--total_steps={experiment.total_steps}", f"--steps={steps}", f"--warmup={warmup}", f"--threads={threads}"]
+  return [
+    f"--mode={mode}",
+    f"--device={device}",
+    f"--batch_size={config.batch_size}",
+    f"--image_size={config.image_size}",
+    f"--width_multiplier={config.model.width_multiplier}",
+    "--batch_norm" if config.model.batch_norm else "--no-batch_norm",
+    f"--dtype={config.model.dtype}",
+    f"--num_classes={len(config.data.class_names)}",
+    f"--dropout_rate={config.model.dropout_rate}",
+    f"--learning_rate={config.learning_rate}",
+    f"--weight_decay={config.weight_decay}",
+    f"--grad_clip_norm={config.grad_clip_norm}",
+    f"--warmup_steps={max(1, int(config.warmup_epochs * experiment.steps_per_epoch))}",
+    f"--total_steps={experiment.total_steps}",
+    f"--steps={steps}",
+    f"--warmup={warmup}",
+    f"--threads={threads}",
+  ]
 
 
 def run_torch_reference(args: list[str], timeout_seconds: float) -> dict[str, Any]:

@@ -24,10 +24,14 @@ CLASSIFIER_INDICES = (0, 3, 6)
 IGNORED_SUFFIX = ".num_batches_tracked"
 # torch tensor name of each Flax leaf, per kind of layer: (collection, leaf name, torch name).
 _LEAVES = {
-    "conv": (("params", "kernel", "weight"), ("params", "bias", "bias")),
-    "dense": (("params", "kernel", "weight"), ("params", "bias", "bias")),
-    "batch_norm": (("params", "scale", "weight"), ("params", "bias", "bias"),
-                   ("batch_stats", "mean", "running_mean"), ("batch_stats", "var", "running_var")),
+  "conv": (("params", "kernel", "weight"), ("params", "bias", "bias")),
+  "dense": (("params", "kernel", "weight"), ("params", "bias", "bias")),
+  "batch_norm": (
+    ("params", "scale", "weight"),
+    ("params", "bias", "bias"),
+    ("batch_stats", "mean", "running_mean"),
+    ("batch_stats", "var", "running_var"),
+  ),
 }
 
 
@@ -67,8 +71,11 @@ def _layers(batch_norm: bool) -> Iterator[tuple[str, str, str]]:
 
 def vgg16_tensors(batch_norm: bool) -> list[Tensor]:
   """Every tensor of torchvision's vgg16 (or vgg16_bn) state dict, apart from num_batches_tracked."""
-  return [Tensor(f"{prefix}.{torch_leaf}", collection, module, leaf, kind)
-          for module, prefix, kind in _layers(batch_norm) for collection, leaf, torch_leaf in _LEAVES[kind]]
+  return [
+    Tensor(f"{prefix}.{torch_leaf}", collection, module, leaf, kind)
+    for module, prefix, kind in _layers(batch_norm)
+    for collection, leaf, torch_leaf in _LEAVES[kind]
+  ]
 
 
 def read_state_dict(path: epath.PathLike) -> dict[str, np.ndarray]:
@@ -79,8 +86,10 @@ def read_state_dict(path: epath.PathLike) -> dict[str, np.ndarray]:
     else:
       tensors = safetensors.numpy.load_file(str(path))
   except (OSError, safetensors.SafetensorError) as error:
-    raise WeightsFileError(f"{path}: cannot be read as safetensors ({error}). Save the state dict with "
-                           f"safetensors.torch.save_file(model.state_dict(), PATH).") from error
+    raise WeightsFileError(
+      f"{path}: cannot be read as safetensors ({error}). Save the state dict with "
+      f"safetensors.torch.save_file(model.state_dict(), PATH)."
+    ) from error
   return tensors
 
 
@@ -103,8 +112,10 @@ def _flax_leaf(tensor: Tensor, value: np.ndarray, source: str) -> np.ndarray:
   """One torch tensor in this model's layout; the first linear layer's inputs reordered NCHW -> NHWC."""
   expected_rank = {"conv": 4, "dense": 2}[tensor.kind] if tensor.leaf == "kernel" else 1
   if value.ndim != expected_rank:
-    raise WeightsFileError(f"{source}: {tensor.torch_name} has shape {value.shape}; a torchvision VGG16 has a "
-                           f"{expected_rank}-D tensor there.")
+    raise WeightsFileError(
+      f"{source}: {tensor.torch_name} has shape {value.shape}; a torchvision VGG16 has a "
+      f"{expected_rank}-D tensor there."
+    )
   if tensor.leaf != "kernel":
     return value
   if tensor.kind == "conv":
@@ -114,8 +125,10 @@ def _flax_leaf(tensor: Tensor, value: np.ndarray, source: str) -> np.ndarray:
   outputs, inputs = value.shape
   cells = POOLED_SIDE * POOLED_SIDE
   if inputs % cells:
-    raise WeightsFileError(f"{source}: {tensor.torch_name} has shape {value.shape}; its inputs must be the "
-                           f"channels of a {POOLED_SIDE}x{POOLED_SIDE} pooled map (a multiple of {cells}).")
+    raise WeightsFileError(
+      f"{source}: {tensor.torch_name} has shape {value.shape}; its inputs must be the "
+      f"channels of a {POOLED_SIDE}x{POOLED_SIDE} pooled map (a multiple of {cells})."
+    )
   channels = inputs // cells
   # torch input index c*49 + h*7 + w; this model's (h*7 + w)*channels + c.
   by_position = value.reshape(outputs, channels, POOLED_SIDE, POOLED_SIDE).transpose(2, 3, 1, 0)
@@ -129,9 +142,10 @@ def _check_names(state_dict: dict[str, np.ndarray], tensors: list[Tensor], sourc
   if missing or unexpected:
     variant = "vgg16_bn" if has_batch_norm(state_dict) else "vgg16"
     raise WeightsFileError(
-        f"{source}: not a torchvision {variant} state dict: {len(missing)} tensors missing "
-        f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}. Save torchvision.models.{variant}()"
-        f".state_dict() (the whole model's, not a wrapper's: names start with features. and classifier.).")
+      f"{source}: not a torchvision {variant} state dict: {len(missing)} tensors missing "
+      f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}. Save torchvision.models.{variant}()"
+      f".state_dict() (the whole model's, not a wrapper's: names start with features. and classifier.)."
+    )
 
 
 def to_flax_variables(state_dict: dict[str, np.ndarray], source: str) -> dict[str, dict[str, dict[str, np.ndarray]]]:

@@ -1,28 +1,38 @@
 """Training and evaluation: the train state, the jitted steps, and the loop that drives them."""
 
-from collections.abc import Callable
 import contextlib
 import dataclasses
 import functools
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
-from absl import logging
-from clu import metric_writers, parameter_overview, periodic_actions
-from etils import epath
 import flax.linen as nn
-from flax.training import train_state
 import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
+from clu import metric_writers, parameter_overview, periodic_actions
+from etils import epath
+from flax.training import train_state
 
-from flax_detector import audit, config_validation, input_pipeline, losses, memory_guard, metrics, report, report_figures
-from flax_detector import sharding
-from flax_detector import errors, finetune
+from flax_detector import (
+  audit,
+  config_validation,
+  errors,
+  finetune,
+  input_pipeline,
+  losses,
+  memory_guard,
+  metrics,
+  report,
+  report_figures,
+  sharding,
+)
 from flax_detector import workdir as workdir_module
 from flax_detector.checkpoint import Checkpointer, Topology, abstract_with_shardings
 from flax_detector.data.folder import skipped_lines
@@ -38,12 +48,14 @@ class TrainState(train_state.TrainState):
   dropout_key: jax.Array
 
 
-def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: float,
-                            total_steps: int) -> optax.Schedule:
+def create_learning_rate_fn(
+  config: ml_collections.ConfigDict, steps_per_epoch: float, total_steps: int
+) -> optax.Schedule:
   """Linear warm-up to config.learning_rate, then cosine decay to 0 at the last scheduled step."""
   warmup_steps = int(config.warmup_epochs * steps_per_epoch)
-  return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, max(warmup_steps, 1),
-                                            max(total_steps, warmup_steps + 1), end_value=0.0)
+  return optax.warmup_cosine_decay_schedule(
+    0.0, config.learning_rate, max(warmup_steps, 1), max(total_steps, warmup_steps + 1), end_value=0.0
+  )
 
 
 def _decay_mask(params: Any) -> Any:
@@ -51,7 +63,9 @@ def _decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", params)
 
 
-def create_optimizer(config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
+def create_optimizer(
+  config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule
+) -> optax.GradientTransformation:
   """AdamW, clipped by global norm; with config.freeze, over the trained parameters only (norm included)."""
   adamw = optax.adamw(learning_rate_fn, weight_decay=config.weight_decay, mask=_decay_mask)
   if config.grad_clip_norm > 0:
@@ -59,8 +73,12 @@ def create_optimizer(config: ml_collections.ConfigDict, learning_rate_fn: optax.
   return finetune.apply_freeze(adamw, config.freeze)
 
 
-def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, optimizer: optax.GradientTransformation,
-                       variables: dict[str, Any] | None = None) -> TrainState:
+def create_train_state(
+  config: ml_collections.ConfigDict,
+  model: nn.Module,
+  optimizer: optax.GradientTransformation,
+  variables: dict[str, Any] | None = None,
+) -> TrainState:
   """Initialises the model from config.seed; pure, so it can run under jax.eval_shape or jit.
 
   `model` and `optimizer` are built once by the caller: they are static parts of the state's
@@ -71,44 +89,67 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, opti
   init_key, dropout_key = jax.random.split(jax.random.PRNGKey(config.seed))
   if variables is None:
     variables = init_variables(model, config.image_size, init_key)
-  return TrainState.create(apply_fn=model.apply, params=variables["params"], batch_stats=variables["batch_stats"],
-                           dropout_key=dropout_key, tx=optimizer)
+  return TrainState.create(
+    apply_fn=model.apply,
+    params=variables["params"],
+    batch_stats=variables["batch_stats"],
+    dropout_key=dropout_key,
+    tx=optimizer,
+  )
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], *,
-               class_weights: np.ndarray) -> tuple[TrainState, metrics.TrainMetrics]:
+def train_step(
+  state: TrainState, batch: dict[str, jax.Array], *, class_weights: np.ndarray
+) -> tuple[TrainState, metrics.TrainMetrics]:
   """One AdamW step on the class-weighted cross-entropy of a global batch."""
   dropout_key = jax.random.fold_in(state.dropout_key, state.step)
 
   def loss_fn(params):
-    logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, batch["image"],
-                                     train=True, rngs={"dropout": dropout_key}, mutable=["batch_stats"])
+    logits, updates = state.apply_fn(
+      {"params": params, "batch_stats": state.batch_stats},
+      batch["image"],
+      train=True,
+      rngs={"dropout": dropout_key},
+      mutable=["batch_stats"],
+    )
     loss, per_example_loss, example_weight = losses.weighted_cross_entropy(
-        logits, batch["label"], jnp.asarray(class_weights), batch["mask"])
+      logits, batch["label"], jnp.asarray(class_weights), batch["mask"]
+    )
     return loss, (logits, per_example_loss, example_weight, updates.get("batch_stats", {}))
 
   grads, (logits, per_example_loss, example_weight, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   step_metrics = metrics.TrainMetrics.single_from_model_output(
-      logits=logits, labels=batch["label"], mask=batch["mask"], per_example_loss=per_example_loss,
-      example_weight=example_weight)
+    logits=logits,
+    labels=batch["label"],
+    mask=batch["mask"],
+    per_example_loss=per_example_loss,
+    example_weight=example_weight,
+  )
   return new_state, step_metrics
 
 
-def eval_step(state: TrainState, batch: dict[str, jax.Array], *,
-              class_weights: np.ndarray) -> tuple[metrics.EvalMetrics, dict[str, jax.Array]]:
+def eval_step(
+  state: TrainState, batch: dict[str, jax.Array], *, class_weights: np.ndarray
+) -> tuple[metrics.EvalMetrics, dict[str, jax.Array]]:
   """Metrics of a global eval batch, each image classified by its views' averaged log-probabilities.
 
   Also returns the per-example log-probabilities with their labels and mask, which the
   calibration and the report need; they are a few floats per image.
   """
-  log_probs = view_averaged_log_probs(state.apply_fn, {"params": state.params, "batch_stats": state.batch_stats},
-                                      batch["image"])
+  log_probs = view_averaged_log_probs(
+    state.apply_fn, {"params": state.params, "batch_stats": state.batch_stats}, batch["image"]
+  )
   _, per_example_loss, example_weight = losses.weighted_cross_entropy(
-      log_probs, batch["label"], jnp.asarray(class_weights), batch["mask"])
+    log_probs, batch["label"], jnp.asarray(class_weights), batch["mask"]
+  )
   batch_metrics = metrics.EvalMetrics.single_from_model_output(
-      logits=log_probs, labels=batch["label"], mask=batch["mask"], per_example_loss=per_example_loss,
-      example_weight=example_weight)
+    logits=log_probs,
+    labels=batch["label"],
+    mask=batch["mask"],
+    per_example_loss=per_example_loss,
+    example_weight=example_weight,
+  )
   scores = {"log_probs": log_probs, "label": batch["label"], "mask": batch["mask"]}
   return batch_metrics, scores
 
@@ -130,14 +171,21 @@ class Evaluator:
   prepare the next evaluation's first batches while training goes on.
   """
 
-  def __init__(self, eval_step: Callable[..., tuple[metrics.EvalMetrics, dict[str, jax.Array]]],
-               dataset: grain.MapDataset, data: ml_collections.ConfigDict,
-               batch_sharding: jax.sharding.NamedSharding, *, reuse: bool):
+  def __init__(
+    self,
+    eval_step: Callable[..., tuple[metrics.EvalMetrics, dict[str, jax.Array]]],
+    dataset: grain.MapDataset,
+    data: ml_collections.ConfigDict,
+    batch_sharding: jax.sharding.NamedSharding,
+    *,
+    reuse: bool,
+  ):
     self._eval_step, self._batch_sharding = eval_step, batch_sharding
     self._num_batches = len(dataset)
     self._positive_index = list(data.class_names).index(data.positive_class)
-    self._iterator = input_pipeline.make_iterator(dataset.repeat(None) if reuse else dataset, data.worker_count,
-                                                  data.worker_buffer_size)
+    self._iterator = input_pipeline.make_iterator(
+      dataset.repeat(None) if reuse else dataset, data.worker_count, data.worker_buffer_size
+    )
 
   def __call__(self, state: TrainState) -> tuple[dict[str, Any], Scores]:
     """Runs one pass of the split through the eval step; every example counts exactly once."""
@@ -150,8 +198,9 @@ class Evaluator:
       collected.append(batch_scores)
     host = {name: np.concatenate([np.asarray(scores[name]) for scores in collected]) for name in collected[0]}
     keep = host["mask"]
-    return metrics.summarize_eval(accumulated, self._positive_index), Scores(host["log_probs"][keep],
-                                                                             host["label"][keep])
+    return metrics.summarize_eval(accumulated, self._positive_index), Scores(
+      host["log_probs"][keep], host["label"][keep]
+    )
 
   def close(self) -> None:
     self._iterator.close()
@@ -196,14 +245,20 @@ def _with_crop_size(config: ml_collections.ConfigDict, splits: input_pipeline.Sp
   config.json records the result, so predict and evaluate crop exactly as training did.
   """
   data = config.data
-  size = input_pipeline.crop_size(splits.train, config.image_size, data.preprocess, data.crop_policy,
-                                  data.shared_crop_quantile)
+  size = input_pipeline.crop_size(
+    splits.train, config.image_size, data.preprocess, data.crop_policy, data.shared_crop_quantile
+  )
   if size == config.image_size:
     return config
-  logging.warning("Crops of %d px instead of image_size=%d: %.0f%% of the training images are smaller than %d px "
-                  "and would be zero-padded (data.crop_policy=shared keeps padding from marking a class; "
-                  "set --config.data.crop_policy=pad to pad them instead).", size, config.image_size,
-                  100 * np.mean(np.min(splits.train.sizes, axis=1) < config.image_size), config.image_size)
+  logging.warning(
+    "Crops of %d px instead of image_size=%d: %.0f%% of the training images are smaller than %d px "
+    "and would be zero-padded (data.crop_policy=shared keeps padding from marking a class; "
+    "set --config.data.crop_policy=pad to pad them instead).",
+    size,
+    config.image_size,
+    100 * np.mean(np.min(splits.train.sizes, axis=1) < config.image_size),
+    config.image_size,
+  )
   resolved = ml_collections.ConfigDict(config.to_dict())
   resolved.image_size = size
   return resolved
@@ -216,15 +271,19 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: epath.Path | No
   config = _with_crop_size(config, splits)
   num_classes = len(config.data.class_names)
   counts = class_counts(splits.train, num_classes)
-  class_weights = losses.class_weights(config_validation.parse_class_weights(config.class_weights, num_classes),
-                                       counts)
+  class_weights = losses.class_weights(config_validation.parse_class_weights(config.class_weights, num_classes), counts)
   logging.info("Class weights %s from training counts %s", class_weights.tolist(), counts.tolist())
 
   schedule = input_pipeline.Schedule.from_config(config)
   total_steps, epochs = schedule.steps(len(splits.train)), schedule.epochs(len(splits.train))
   if epochs > config.num_epochs:
-    logging.info("%d epochs instead of num_epochs=%d, so the schedule spans min_train_steps=%d steps on %d images",
-                 epochs, config.num_epochs, config.min_train_steps, len(splits.train))
+    logging.info(
+      "%d epochs instead of num_epochs=%d, so the schedule spans min_train_steps=%d steps on %d images",
+      epochs,
+      config.num_epochs,
+      config.min_train_steps,
+      len(splits.train),
+    )
   steps_per_epoch = total_steps / epochs
   last_step = min(total_steps, config.num_train_steps) if config.num_train_steps > 0 else total_steps
   learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch, total_steps)
@@ -232,34 +291,57 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: epath.Path | No
   init_state = functools.partial(create_train_state, config, model, create_optimizer(config, learning_rate_fn))
   abstract_state = jax.eval_shape(init_state)
   state_shardings = sharding.state_shardings(abstract_state, mesh, config.sharding)
-  memory_guard.check_train_step(config.image_size, config.batch_size // jax.process_count(),
-                                config.model.width_multiplier, config.model.batch_norm, config.model.dtype,
-                                sharding.bytes_per_device(abstract_state.params, state_shardings.params))
+  memory_guard.check_train_step(
+    config.image_size,
+    config.batch_size // jax.process_count(),
+    config.model.width_multiplier,
+    config.model.batch_norm,
+    config.model.dtype,
+    sharding.bytes_per_device(abstract_state.params, state_shardings.params),
+  )
   batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
   return Experiment(
-      config=config, mesh=mesh, splits=splits, total_steps=total_steps, last_step=last_step,
-      steps_per_epoch=steps_per_epoch, learning_rate_fn=learning_rate_fn, init_state=init_state,
-      abstract_state=abstract_state, state_shardings=state_shardings,
-      train_step=jax.jit(functools.partial(train_step, class_weights=class_weights),
-                         in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated),
-                         donate_argnums=0),
-      eval_step=jax.jit(functools.partial(eval_step, class_weights=class_weights),
-                        in_shardings=(state_shardings, batch_sharding), out_shardings=(replicated, replicated)))
+    config=config,
+    mesh=mesh,
+    splits=splits,
+    total_steps=total_steps,
+    last_step=last_step,
+    steps_per_epoch=steps_per_epoch,
+    learning_rate_fn=learning_rate_fn,
+    init_state=init_state,
+    abstract_state=abstract_state,
+    state_shardings=state_shardings,
+    train_step=jax.jit(
+      functools.partial(train_step, class_weights=class_weights),
+      in_shardings=(state_shardings, batch_sharding),
+      out_shardings=(state_shardings, replicated),
+      donate_argnums=0,
+    ),
+    eval_step=jax.jit(
+      functools.partial(eval_step, class_weights=class_weights),
+      in_shardings=(state_shardings, batch_sharding),
+      out_shardings=(replicated, replicated),
+    ),
+  )
 
 
-def _restore_or_initialize(experiment: Experiment,
-                           checkpointer: Checkpointer) -> tuple[TrainState, grain.DatasetIterator]:
+def _restore_or_initialize(
+  experiment: Experiment, checkpointer: Checkpointer
+) -> tuple[TrainState, grain.DatasetIterator]:
   """The newest restorable checkpoint's state and data position, or a fresh state at step 0."""
   config = experiment.config
-  train_data = input_pipeline.train_dataset(experiment.splits.train, input_pipeline.TrainSettings.from_config(config),
-                                            jax.process_index(), jax.process_count())
+  train_data = input_pipeline.train_dataset(
+    experiment.splits.train, input_pipeline.TrainSettings.from_config(config), jax.process_index(), jax.process_count()
+  )
 
   def make_train_iterator(start_step: int) -> grain.DatasetIterator:
-    return input_pipeline.make_iterator(train_data, config.data.worker_count, config.data.worker_buffer_size,
-                                        start_step)
+    return input_pipeline.make_iterator(
+      train_data, config.data.worker_count, config.data.worker_buffer_size, start_step
+    )
 
   restored = checkpointer.restore_latest(
-      abstract_with_shardings(experiment.abstract_state, experiment.state_shardings), make_train_iterator)
+    abstract_with_shardings(experiment.abstract_state, experiment.state_shardings), make_train_iterator
+  )
   if restored is not None:
     return restored
   state = jax.jit(experiment.init_state, out_shardings=experiment.state_shardings)()
@@ -268,18 +350,27 @@ def _restore_or_initialize(experiment: Experiment,
   return state, make_train_iterator(0)
 
 
-def _log_start(experiment: Experiment, state: TrainState, workdir: epath.Path,
-               writer: metric_writers.MetricWriter) -> None:
+def _log_start(
+  experiment: Experiment, state: TrainState, workdir: epath.Path, writer: metric_writers.MetricWriter
+) -> None:
   config, abstract, shardings = experiment.config, experiment.abstract_state, experiment.state_shardings
-  logging.info("Training steps %d..%d of %d (%.1f steps per epoch) on %d devices; per-device memory (%s): "
-               "parameters %.1f MiB, optimizer state %.1f MiB", int(state.step), experiment.last_step,
-               experiment.total_steps, experiment.steps_per_epoch, experiment.mesh.size, config.sharding,
-               sharding.bytes_per_device(abstract.params, shardings.params) / 2**20,
-               sharding.bytes_per_device(abstract.opt_state, shardings.opt_state) / 2**20)
+  logging.info(
+    "Training steps %d..%d of %d (%.1f steps per epoch) on %d devices; per-device memory (%s): "
+    "parameters %.1f MiB, optimizer state %.1f MiB",
+    int(state.step),
+    experiment.last_step,
+    experiment.total_steps,
+    experiment.steps_per_epoch,
+    experiment.mesh.size,
+    config.sharding,
+    sharding.bytes_per_device(abstract.params, shardings.params) / 2**20,
+    sharding.bytes_per_device(abstract.opt_state, shardings.opt_state) / 2**20,
+  )
   if jax.process_index() == 0:
     workdir_module.write_json(workdir / workdir_module.CONFIG, config.to_dict())
-    (workdir / workdir_module.SKIPPED_FILES).write_text("".join(
-        f"{line}\n" for line in skipped_lines(experiment.splits.skipped)))
+    (workdir / workdir_module.SKIPPED_FILES).write_text(
+      "".join(f"{line}\n" for line in skipped_lines(experiment.splits.skipped))
+    )
     parameter_overview.log_parameter_overview(state.params)
     writer.write_hparams({k: str(v) for k, v in config.to_dict().items() if not isinstance(v, dict)})
 
@@ -293,14 +384,20 @@ def _stop_if_not_finite(loss: float, first_step: int, step: int, checkpointer: C
   if np.isfinite(loss):
     return
   raise errors.RunStoppedError(
-      f"training loss is {loss} at step {step} (the mean over steps {first_step}..{step}); the run stopped "
-      f"without saving this state. The newest checkpoint (step {checkpointer.latest_step()}) holds the last "
-      f"finite one: lower learning_rate or check the data, then run again.")
+    f"training loss is {loss} at step {step} (the mean over steps {first_step}..{step}); the run stopped "
+    f"without saving this state. The newest checkpoint (step {checkpointer.latest_step()}) holds the last "
+    f"finite one: lower learning_rate or check the data, then run again."
+  )
 
 
-def _train(experiment: Experiment, state: TrainState, train_iterator: grain.DatasetIterator,
-           validation: Evaluator | None, checkpointer: Checkpointer,
-           writer: metric_writers.MetricWriter) -> tuple[TrainState, bool]:
+def _train(
+  experiment: Experiment,
+  state: TrainState,
+  train_iterator: grain.DatasetIterator,
+  validation: Evaluator | None,
+  checkpointer: Checkpointer,
+  writer: metric_writers.MetricWriter,
+) -> tuple[TrainState, bool]:
   """Runs steps up to experiment.last_step; returns (state, whether a preemption stopped it).
 
   `validation` (None without a validation split) scores the validation split every eval_every_steps.
@@ -337,8 +434,9 @@ def _train(experiment: Experiment, state: TrainState, train_iterator: grain.Data
       stop = preemption.should_stop(step)
       if checkpointer.will_save(step, force=stop or is_last):
         if train_metrics is not None:  # steps since the last log: never save a diverged state
-          _stop_if_not_finite(float(jax.device_get(train_metrics.compute()["train_loss"])), unlogged_from, step,
-                              checkpointer)
+          _stop_if_not_finite(
+            float(jax.device_get(train_metrics.compute()["train_loss"])), unlogged_from, step, checkpointer
+          )
         checkpointer.save(step, state, train_iterator, force=True)
       if stop:
         logging.warning("Preempted at step %d: checkpoint saved; run the same command again to resume.", step)
@@ -350,46 +448,65 @@ def _audit_data(experiment: Experiment, workdir: epath.Path) -> None:
   """Checks before training whether file metadata alone separates the classes; warns loudly when it does."""
   folders, config = experiment.splits.folders, experiment.config
   if not folders:
-    logging.info("Shortcut audit skipped: it reads image files, and this run has none (synthetic or prepared data; "
-                 "run python -m flax_detector.audit on the original folder).")
+    logging.info(
+      "Shortcut audit skipped: it reads image files, and this run has none (synthetic or prepared data; "
+      "run python -m flax_detector.audit on the original folder)."
+    )
     return
-  records = [audit.AuditRecord(split, int(label), info) for split, folder in folders.items()
-             for info, label in zip(folder.infos, folder.labels)]
+  records = [
+    audit.AuditRecord(split, int(label), info)
+    for split, folder in folders.items()
+    for info, label in zip(folder.infos, folder.labels)
+  ]
   result = audit.audit_records(records, config.data.class_names, config.image_size)
   workdir_module.write_json(workdir / workdir_module.AUDIT, result)
   for line in audit.summary_lines(result):
     logging.info("Audit: %s", line)
   if result["shortcut"]:
     logging.warning("!" * 100)
-    logging.warning("SHORTCUT: file metadata alone predicts the class (%.2f vs chance %.2f): %s. A high test "
-                    "accuracy on this folder is not evidence of detecting generators; see %s and the overlap "
-                    "accuracy in flax_detector.evaluate's report.", result["metadata_accuracy"],
-                    result["chance_accuracy"], result["finding"], workdir / workdir_module.AUDIT)
+    logging.warning(
+      "SHORTCUT: file metadata alone predicts the class (%.2f vs chance %.2f): %s. A high test "
+      "accuracy on this folder is not evidence of detecting generators; see %s and the overlap "
+      "accuracy in flax_detector.evaluate's report.",
+      result["metadata_accuracy"],
+      result["chance_accuracy"],
+      result["finding"],
+      workdir / workdir_module.AUDIT,
+    )
     logging.warning("!" * 100)
 
 
-def _evaluate_once(experiment: Experiment, state: TrainState,
-                   split: input_pipeline.ImageSource) -> tuple[dict[str, Any], Scores]:
+def _evaluate_once(
+  experiment: Experiment, state: TrainState, split: input_pipeline.ImageSource
+) -> tuple[dict[str, Any], Scores]:
   """`split` scored once with the data.eval_grid views that the reported numbers are defined on."""
   start = time.monotonic()
   with contextlib.closing(experiment.evaluator(split, grid=experiment.config.data.eval_grid, reuse=False)) as once:
     result = once(state)
-  logging.info("Scored %d images (%d views each) in %.1f s", len(split), experiment.config.data.eval_grid**2,
-               time.monotonic() - start)
+  logging.info(
+    "Scored %d images (%d views each) in %.1f s",
+    len(split),
+    experiment.config.data.eval_grid**2,
+    time.monotonic() - start,
+  )
   return result
 
 
 def _calibrate(experiment: Experiment, state: TrainState, positive_index: int) -> dict[str, Any]:
   """Temperature and threshold fitted on the validation split (never on test)."""
   if not len(experiment.splits.validation):
-    return {"temperature": 1.0, "threshold": 0.5, "fitted_on": "nothing: data.val_fraction=0 leaves no validation "
-                                                               "split, so scores are uncalibrated"}
+    return {
+      "temperature": 1.0,
+      "threshold": 0.5,
+      "fitted_on": "nothing: data.val_fraction=0 leaves no validation split, so scores are uncalibrated",
+    }
   _, scores = _evaluate_once(experiment, state, experiment.splits.validation)
   return report.fit_calibration(scores.log_probs, scores.labels, positive_index)
 
 
-def _final_evaluation(experiment: Experiment, state: TrainState, workdir: epath.Path,
-                      writer: metric_writers.MetricWriter) -> dict[str, Any]:
+def _final_evaluation(
+  experiment: Experiment, state: TrainState, workdir: epath.Path, writer: metric_writers.MetricWriter
+) -> dict[str, Any]:
   """Test metrics, the calibration fitted on validation, and the test split's figures in TensorBoard."""
   config = experiment.config
   class_names = list(config.data.class_names)
@@ -398,17 +515,35 @@ def _final_evaluation(experiment: Experiment, state: TrainState, workdir: epath.
   final, test_scores = _evaluate_once(experiment, state, experiment.splits.test)
   fitted_calibration = _calibrate(experiment, state, positive_index)
   fitted = report.Calibration(fitted_calibration["temperature"], fitted_calibration["threshold"])
-  final.update(split="test", checkpoint_step=step, class_names=class_names,
-               calibrated=report.summarize_scores(test_scores.log_probs, test_scores.labels, positive_index, fitted))
+  final.update(
+    split="test",
+    checkpoint_step=step,
+    class_names=class_names,
+    calibrated=report.summarize_scores(test_scores.log_probs, test_scores.labels, positive_index, fitted),
+  )
   writer.write_scalars(step, {k.replace("eval_", "test_"): v for k, v in final.items() if k.startswith("eval_")})
   if jax.process_index() == 0:
     workdir_module.write_json(workdir / workdir_module.CALIBRATION, fitted_calibration)
     logging.info("Calibration on validation: %s", fitted_calibration)
     with tempfile.TemporaryDirectory() as figures:
-      names = report.write_score_figures(epath.Path(figures), test_scores.log_probs, test_scores.labels, positive_index,
-                                         class_names, fitted, final["calibrated"])
-      writer.write_images(step, {f"test/{name.removesuffix('.png')}": report_figures.figure_to_tensorboard_image(
-          epath.Path(figures) / name)[None] for name in names})
+      names = report.write_score_figures(
+        epath.Path(figures),
+        test_scores.log_probs,
+        test_scores.labels,
+        positive_index,
+        class_names,
+        fitted,
+        final["calibrated"],
+      )
+      writer.write_images(
+        step,
+        {
+          f"test/{name.removesuffix('.png')}": report_figures.figure_to_tensorboard_image(epath.Path(figures) / name)[
+            None
+          ]
+          for name in names
+        },
+      )
   return final
 
 
@@ -440,17 +575,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   with contextlib.ExitStack() as cleanup:
     writer = _create_writer(workdir_path, is_chief)
     cleanup.callback(writer.close)
-    checkpointer = cleanup.enter_context(Checkpointer(
+    checkpointer = cleanup.enter_context(
+      Checkpointer(
         workdir_path / workdir_module.CHECKPOINTS,
         _interval_steps(config.checkpoint_every_steps, experiment.steps_per_epoch),
-        config.max_checkpoints_to_keep, Topology(jax.process_count(), config.data.worker_count)))
+        config.max_checkpoints_to_keep,
+        Topology(jax.process_count(), config.data.worker_count),
+      )
+    )
     state, train_iterator = _restore_or_initialize(experiment, checkpointer)
     cleanup.callback(train_iterator.close)
     _log_start(experiment, state, workdir_path, writer)
     validation = None
     if len(experiment.splits.validation):
-      validation = cleanup.enter_context(contextlib.closing(experiment.evaluator(
-          experiment.splits.validation, grid=experiment.config.data.periodic_eval_grid, reuse=True)))
+      validation = cleanup.enter_context(
+        contextlib.closing(
+          experiment.evaluator(experiment.splits.validation, grid=experiment.config.data.periodic_eval_grid, reuse=True)
+        )
+      )
     state, preempted = _train(experiment, state, train_iterator, validation, checkpointer, writer)
     if preempted:
       return None

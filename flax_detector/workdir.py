@@ -9,8 +9,8 @@ import json
 import os
 from typing import Any
 
-from etils import epath
 import ml_collections
+from etils import epath
 
 CONFIG = "config.json"  # the config of the last run, read back by predict and evaluate
 CHECKPOINTS = "checkpoints"  # Orbax checkpoints of train state + data iterator

@@ -40,13 +40,29 @@ TARBALL = "flax_detector.tar.gz"
 # Where the project and its virtualenv live on every worker; the tilde is for the workers' shell.
 REMOTE_DIR, REMOTE_VENV = "~/flax_detector", "~/flax_detector_venv"
 # The TPU software image of each generation (https://cloud.google.com/tpu/docs/runtimes).
-RUNTIME_VERSIONS = {"v2-": "tpu-ubuntu2204-base", "v3-": "tpu-ubuntu2204-base", "v4-": "tpu-ubuntu2204-base",
-                    "v5litepod-": "v2-alpha-tpuv5-lite", "v5e-": "v2-alpha-tpuv5-lite", "v5p-": "v2-alpha-tpuv5",
-                    "v6e-": "v2-alpha-tpuv6e"}
+RUNTIME_VERSIONS = {
+  "v2-": "tpu-ubuntu2204-base",
+  "v3-": "tpu-ubuntu2204-base",
+  "v4-": "tpu-ubuntu2204-base",
+  "v5litepod-": "v2-alpha-tpuv5-lite",
+  "v5e-": "v2-alpha-tpuv5-lite",
+  "v5p-": "v2-alpha-tpuv5",
+  "v6e-": "v2-alpha-tpuv6e",
+}
 READY = ("READY", "ACTIVE")  # a node's, a queued resource's
 # States a TPU leaves by itself on its way to READY / ACTIVE: keep waiting.
-TRANSITIONAL = ("CREATING", "STARTING", "RESTARTING", "REIMAGING", "REPAIRING", "UNHIDING", "STATE_UNSPECIFIED",
-                "ACCEPTED", "WAITING_FOR_RESOURCES", "PROVISIONING")
+TRANSITIONAL = (
+  "CREATING",
+  "STARTING",
+  "RESTARTING",
+  "REIMAGING",
+  "REPAIRING",
+  "UNHIDING",
+  "STATE_UNSPECIFIED",
+  "ACCEPTED",
+  "WAITING_FOR_RESOURCES",
+  "PROVISIONING",
+)
 TRUE_WORDS = ("1", "true", "TRUE", "True", "yes", "YES", "on", "ON")  # the words is_true in common.sh accepts
 
 
@@ -75,8 +91,11 @@ def run(command: list[str], dry_run: bool) -> int:
 class _Parser(argparse.ArgumentParser):
   def error(self, message: str):
     # argparse's "argument --workdir: expected one argument", in the words of common.sh's option_value.
-    message = re.sub(r"argument (\S+): expected one argument",
-                     r"\1 needs a value (write \1=VALUE for a value that starts with '-')", message)
+    message = re.sub(
+      r"argument (\S+): expected one argument",
+      r"\1 needs a value (write \1=VALUE for a value that starts with '-')",
+      message,
+    )
     super().error(message)
 
 
@@ -86,52 +105,81 @@ def _whole_number(text: str) -> int:
   return int(text)
 
 
-def _option(parser: argparse.ArgumentParser, flag: str, variable: str, meaning: str, default: str | None = None,
-            **kwargs) -> None:
+def _option(
+  parser: argparse.ArgumentParser, flag: str, variable: str, meaning: str, default: str | None = None, **kwargs
+) -> None:
   """An option whose default the environment variable overrides; --help names both, once."""
-  parser.add_argument(flag, default=os.environ.get(variable, default), **kwargs,
-                      help=f"{meaning} [{variable}]" + (f" ({default})" if default else ""))
+  parser.add_argument(
+    flag,
+    default=os.environ.get(variable, default),
+    **kwargs,
+    help=f"{meaning} [{variable}]" + (f" ({default})" if default else ""),
+  )
 
 
 def _switch(parser: argparse.ArgumentParser, flag: str, variable: str, meaning: str) -> None:
   """An on/off option that variable=1 (or true, yes, on) also turns on."""
-  parser.add_argument(flag, action="store_true", default=os.environ.get(variable, "0") in TRUE_WORDS,
-                      help=f"{meaning} [{variable}=1]")
+  parser.add_argument(
+    flag, action="store_true", default=os.environ.get(variable, "0") in TRUE_WORDS, help=f"{meaning} [{variable}=1]"
+  )
 
 
 def _parser() -> argparse.ArgumentParser:
-  parser = _Parser(prog="launch/tpu_vm.py", description=__doc__, allow_abbrev=False,
-                   usage="%(prog)s --zone=ZONE --workdir=gs://BUCKET/RUN [options] [-- MAIN_ARGS...]",
-                   epilog="Arguments after '--' go to flax_detector.main, e.g. -- --config.num_epochs=10",
-                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = _Parser(
+    prog="launch/tpu_vm.py",
+    description=__doc__,
+    allow_abbrev=False,
+    usage="%(prog)s --zone=ZONE --workdir=gs://BUCKET/RUN [options] [-- MAIN_ARGS...]",
+    epilog="Arguments after '--' go to flax_detector.main, e.g. -- --config.num_epochs=10",
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   user = re.sub("[^a-z0-9-]", "-", os.environ.get("USER", "user").lower())
   by_generation = {version: [] for version in RUNTIME_VERSIONS.values()}
   for prefix, version in RUNTIME_VERSIONS.items():
     by_generation[version].append(prefix.rstrip("-"))
   _option(parser, "--zone", "TPU_ZONE", "TPU zone, required")
-  _option(parser, "--workdir", "WORKDIR", "checkpoints, events, final_metrics.json: a gs:// path every worker sees, "
-          "required")
+  _option(
+    parser, "--workdir", "WORKDIR", "checkpoints, events, final_metrics.json: a gs:// path every worker sees, required"
+  )
   _option(parser, "--name", "TPU_NAME", "TPU (and queued resource) name", f"flax-detector-{user}")
-  _option(parser, "--accelerator-type", "TPU_ACCELERATOR_TYPE", "slice type: v4-32, v5litepod-16, v5p-16, v6e-16...",
-          "v5litepod-16")
-  _option(parser, "--runtime-version", "TPU_RUNTIME_VERSION", "TPU software version (by generation: " +
-          "; ".join(f"{version} for {', '.join(prefixes)}" for version, prefixes in by_generation.items()) + ")")
+  _option(
+    parser,
+    "--accelerator-type",
+    "TPU_ACCELERATOR_TYPE",
+    "slice type: v4-32, v5litepod-16, v5p-16, v6e-16...",
+    "v5litepod-16",
+  )
+  _option(
+    parser,
+    "--runtime-version",
+    "TPU_RUNTIME_VERSION",
+    "TPU software version (by generation: "
+    + "; ".join(f"{version} for {', '.join(prefixes)}" for version, prefixes in by_generation.items())
+    + ")",
+  )
   _option(parser, "--project", "TPU_PROJECT", "GCP project (default: gcloud's)")
   _option(parser, "--config", "CONFIG", "config, a path inside this repository", "configs/vgg16.py")
   _option(parser, "--python-version", "TPU_PYTHON_VERSION", "Python of the workers' virtualenv", "3.12")
-  _option(parser, "--max-retries", "MAX_RETRIES", "how often to recreate a lost (preempted) TPU", "3",
-          type=_whole_number)
-  _option(parser, "--poll-seconds", "TPU_POLL_SECONDS", "seconds between state checks while waiting", "30",
-          type=_whole_number)
-  parser.add_argument("--create-arg", action="append", default=[], metavar="ARG",
-                      help="extra argument for the create command, repeatable, e.g. --create-arg=--reserved or "
-                      "--create-arg=--service-account=SA")
+  _option(
+    parser, "--max-retries", "MAX_RETRIES", "how often to recreate a lost (preempted) TPU", "3", type=_whole_number
+  )
+  _option(
+    parser, "--poll-seconds", "TPU_POLL_SECONDS", "seconds between state checks while waiting", "30", type=_whole_number
+  )
+  parser.add_argument(
+    "--create-arg",
+    action="append",
+    default=[],
+    metavar="ARG",
+    help="extra argument for the create command, repeatable, e.g. --create-arg=--reserved or "
+    "--create-arg=--service-account=SA",
+  )
   _switch(parser, "--queued", "TPU_QUEUED", "create through a queued resource and wait in the queue until ACTIVE")
   _switch(parser, "--spot", "TPU_SPOT", "Spot VMs: cheaper, can be preempted at any time")
-  _switch(parser, "--preemptible", "TPU_PREEMPTIBLE", "preemptible VMs (plain TPU VMs only; queued resources take "
-          "--spot)")
-  _switch(parser, "--keep", "TPU_KEEP", "leave the TPU running at the end; the next run with the same --name "
-          "reuses it")
+  _switch(
+    parser, "--preemptible", "TPU_PREEMPTIBLE", "preemptible VMs (plain TPU VMs only; queued resources take --spot)"
+  )
+  _switch(parser, "--keep", "TPU_KEEP", "leave the TPU running at the end; the next run with the same --name reuses it")
   _switch(parser, "--dry-run", "DRY_RUN", "print the commands, run none")
   return parser
 
@@ -148,8 +196,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
   if not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", args.name):
     parser.error(f"--name={args.name!r} is not a TPU name: lowercase letters, digits and '-', starting with a letter")
   if not args.runtime_version:
-    args.runtime_version = next((version for prefix, version in RUNTIME_VERSIONS.items()
-                                 if args.accelerator_type.startswith(prefix)), None)
+    args.runtime_version = next(
+      (version for prefix, version in RUNTIME_VERSIONS.items() if args.accelerator_type.startswith(prefix)), None
+    )
     if args.runtime_version is None:
       parser.error(f"no default --runtime-version for --accelerator-type={args.accelerator_type}: pass one")
   if args.spot and args.preemptible:
@@ -158,7 +207,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.error("--preemptible is for plain TPU VMs; queued resources take --spot")
   if not args.workdir.startswith("gs://"):
     log(f"warning: --workdir={args.workdir} is not a gs:// path; every worker must see the same checkpoints")
-  return args, argv[split + 1:]
+  return args, argv[split + 1 :]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -188,8 +237,9 @@ class Tpu:
 
   def state(self, kind: str) -> str:
     """READY, PREEMPTED, ACTIVE, SUSPENDED...; NOT_FOUND when it does not exist; UNKNOWN when gcloud fails."""
-    command = self._gcloud(kind, "describe", "--format=value(state.state)" if kind == "queued" else
-                           "--format=value(state)")
+    command = self._gcloud(
+      kind, "describe", "--format=value(state.state)" if kind == "queued" else "--format=value(state)"
+    )
     if self.args.dry_run:
       run(command, dry_run=True)
       return ("ACTIVE" if kind == "queued" else "READY") if self._exists_in_dry_run else "NOT_FOUND"
@@ -208,17 +258,24 @@ class Tpu:
   def create(self) -> None:
     args = self.args
     if args.queued:
-      command = self._gcloud("queued", "create", f"--node-id={self.name}",
-                             f"--accelerator-type={args.accelerator_type}", f"--runtime-version={args.runtime_version}")
+      command = self._gcloud(
+        "queued",
+        "create",
+        f"--node-id={self.name}",
+        f"--accelerator-type={args.accelerator_type}",
+        f"--runtime-version={args.runtime_version}",
+      )
     else:
-      command = self._gcloud("node", "create", f"--accelerator-type={args.accelerator_type}",
-                             f"--version={args.runtime_version}")
+      command = self._gcloud(
+        "node", "create", f"--accelerator-type={args.accelerator_type}", f"--version={args.runtime_version}"
+      )
     command += ["--spot"] * args.spot + ["--preemptible"] * args.preemptible + args.create_arg
     self.may_exist = True  # even a failed create can leave a resource behind
     log(f"creating the {self._noun()} ({args.accelerator_type}, {args.runtime_version})")
     if run(command, args.dry_run):
-      raise Failure(f"could not create the {self._noun()} (see gcloud's message above: quota, capacity, zone, "
-                    "permissions?)")
+      raise Failure(
+        f"could not create the {self._noun()} (see gcloud's message above: quota, capacity, zone, permissions?)"
+      )
     self._exists_in_dry_run = True
 
   def wait_until_ready(self) -> None:
@@ -251,8 +308,9 @@ class Tpu:
     """Creates the TPU, or adopts a healthy one of the same name, replaces a dead one; waits until it is ready."""
     state = self.state(self.kinds[0])
     if state == "UNKNOWN":
-      raise Failure(f"could not query the TPU {self.name} in zone {self.args.zone} (is gcloud authenticated, is "
-                    "the project set?)")
+      raise Failure(
+        f"could not query the TPU {self.name} in zone {self.args.zone} (is gcloud authenticated, is the project set?)"
+      )
     if state in READY or state in TRANSITIONAL:
       log(f"reusing the existing {self._noun()} ({state})")
       self.may_exist = True
@@ -275,13 +333,24 @@ class Tpu:
       return True
     if self.delete():
       return True
-    log(f"error: could not delete {self.name}; it may still cost money. Delete it by hand: "
-        f"{shlex.join(self.delete_command())}")
+    log(
+      f"error: could not delete {self.name}; it may still cost money. Delete it by hand: "
+      f"{shlex.join(self.delete_command())}"
+    )
     return False
 
   def scp_command(self, local_file: str) -> list[str]:
-    return ["gcloud", "compute", "tpus", "tpu-vm", "scp", local_file, f"{self.name}:{TARBALL}", "--worker=all",
-            *self.location]
+    return [
+      "gcloud",
+      "compute",
+      "tpus",
+      "tpu-vm",
+      "scp",
+      local_file,
+      f"{self.name}:{TARBALL}",
+      "--worker=all",
+      *self.location,
+    ]
 
   def ssh_command(self, script: str, *options: str) -> list[str]:
     return [*self._gcloud("node", "ssh"), "--worker=all", *options, f"--command={script}"]
@@ -295,15 +364,32 @@ def pack_project(folder: str, dry_run: bool) -> str:
   """Writes the project's tarball into folder and returns its path."""
   tarball = os.path.join(folder, TARBALL)
   if (PROJECT_ROOT / ".git").exists():
-    changes = "" if dry_run else subprocess.run(
-        ["git", "-C", str(PROJECT_ROOT), "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-        text=True, check=False).stdout
+    changes = (
+      ""
+      if dry_run
+      else subprocess.run(
+        ["git", "-C", str(PROJECT_ROOT), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+        check=False,
+      ).stdout
+    )
     if changes.strip():
       log("warning: uncommitted changes are not shipped: the workers get the last commit (HEAD)")
     command = ["git", "-C", str(PROJECT_ROOT), "archive", "--format=tar.gz", f"--output={tarball}", "HEAD"]
   else:
-    command = ["tar", "-czf", tarball, "-C", str(PROJECT_ROOT), "--exclude=.git", "--exclude=.venv", "--exclude=runs",
-               "--exclude=__pycache__", "."]
+    command = [
+      "tar",
+      "-czf",
+      tarball,
+      "-C",
+      str(PROJECT_ROOT),
+      "--exclude=.git",
+      "--exclude=.venv",
+      "--exclude=runs",
+      "--exclude=__pycache__",
+      ".",
+    ]
   if run(command, dry_run):
     raise Failure(f"could not pack {PROJECT_ROOT}")
   return tarball
@@ -312,12 +398,17 @@ def pack_project(folder: str, dry_run: bool) -> str:
 def install_script(python_version: str) -> str:
   """The shell command every worker runs to unpack the project and install it with jax[tpu]."""
   get_uv = "python3 -m pip install --user --quiet --upgrade uv"
-  return " && ".join([
-      f"set -euo pipefail; rm -rf {REMOTE_DIR} {REMOTE_VENV}", f"mkdir -p {REMOTE_DIR}",
-      f"tar -xzf ~/{TARBALL} -C {REMOTE_DIR}", f"{{ {get_uv} || {get_uv} --break-system-packages; }}",
+  return " && ".join(
+    [
+      f"set -euo pipefail; rm -rf {REMOTE_DIR} {REMOTE_VENV}",
+      f"mkdir -p {REMOTE_DIR}",
+      f"tar -xzf ~/{TARBALL} -C {REMOTE_DIR}",
+      f"{{ {get_uv} || {get_uv} --break-system-packages; }}",
       f"python3 -m uv venv --quiet --python {shlex.quote(python_version)} {REMOTE_VENV}",
       f'python3 -m uv pip install --quiet --python {REMOTE_VENV}/bin/python -e {REMOTE_DIR} "jax[tpu]"',
-      f'{REMOTE_VENV}/bin/python -c "import jax, flax_detector; print(jax.__version__)"'])
+      f'{REMOTE_VENV}/bin/python -c "import jax, flax_detector; print(jax.__version__)"',
+    ]
+  )
 
 
 def train_script(config: str, workdir: str, main_args: list[str]) -> str:
@@ -327,10 +418,14 @@ def train_script(config: str, workdir: str, main_args: list[str]) -> str:
 
 def deploy_and_train(tpu: Tpu, tarball: str, args: argparse.Namespace, main_args: list[str]) -> int:
   """One attempt on a ready TPU: copy, install, train. The first failing step's exit status, else 0."""
-  steps = ((f"copying the project to every worker of {tpu.name}", tpu.scp_command(tarball)),
-           ("installing the project on every worker", tpu.ssh_command(install_script(args.python_version))),
-           (f"training on every worker of {tpu.name} (workdir {args.workdir})",
-            tpu.ssh_command(train_script(args.config, args.workdir, main_args), "--ssh-flag=-oServerAliveInterval=60")))
+  steps = (
+    (f"copying the project to every worker of {tpu.name}", tpu.scp_command(tarball)),
+    ("installing the project on every worker", tpu.ssh_command(install_script(args.python_version))),
+    (
+      f"training on every worker of {tpu.name} (workdir {args.workdir})",
+      tpu.ssh_command(train_script(args.config, args.workdir, main_args), "--ssh-flag=-oServerAliveInterval=60"),
+    ),
+  )
   for message, command in steps:
     log(message)
     status = run(command, args.dry_run)
@@ -349,15 +444,21 @@ def train_with_retries(tpu: Tpu, tarball: str, args: argparse.Namespace, main_ar
       log(f"training finished; results in {args.workdir}")
       return
     if tpu.healthy():
-      raise Failure(f"the run failed (exit status {status}) on a healthy TPU, so not a preemption: not retrying. "
-                    f"Fix the cause and run the same command again: training resumes from {args.workdir}")
+      raise Failure(
+        f"the run failed (exit status {status}) on a healthy TPU, so not a preemption: not retrying. "
+        f"Fix the cause and run the same command again: training resumes from {args.workdir}"
+      )
     state = tpu.state(tpu.kinds[0])
     if retries == args.max_retries:
-      raise Failure(f"the TPU {tpu.name} was lost ({state}) and the {args.max_retries} retries are used up; run the "
-                    f"same command again to resume from {args.workdir}")
+      raise Failure(
+        f"the TPU {tpu.name} was lost ({state}) and the {args.max_retries} retries are used up; run the "
+        f"same command again to resume from {args.workdir}"
+      )
     retries += 1
-    log(f"the TPU {tpu.name} was lost ({state}), probably preempted: recreating it (retry {retries} of "
-        f"{args.max_retries})")
+    log(
+      f"the TPU {tpu.name} was lost ({state}), probably preempted: recreating it (retry {retries} of "
+      f"{args.max_retries})"
+    )
     if not tpu.delete():
       raise Failure(f"could not delete the lost TPU {tpu.name}")
 

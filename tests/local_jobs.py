@@ -7,10 +7,9 @@ import sys
 from collections.abc import Sequence
 
 import numpy as np
+from conftest import tiny_config
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
-
-from conftest import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,19 +39,29 @@ def config_flags(**overrides) -> list[str]:
 def start_job(workdir, num_processes: int, devices_per_process: int, flags: Sequence[str]) -> list[subprocess.Popen]:
   """Starts the processes of one job; process i logs to workdir/process_i.log."""
   os.makedirs(workdir, exist_ok=True)
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
-             TF_CPP_MIN_LOG_LEVEL="2")
+  env = dict(
+    os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}", TF_CPP_MIN_LOG_LEVEL="2"
+  )
   distributed = []
   port = free_port()
   processes = []
   for index in range(num_processes):
     if num_processes > 1:
-      distributed = [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}",
-                     f"--process_id={index}"]
+      distributed = [
+        f"--coordinator_address=127.0.0.1:{port}",
+        f"--num_processes={num_processes}",
+        f"--process_id={index}",
+      ]
     log = open(os.path.join(workdir, f"process_{index}.log"), "w")  # pylint: disable=consider-using-with
-    processes.append(subprocess.Popen(
+    processes.append(
+      subprocess.Popen(
         [sys.executable, "-m", "flax_detector.main", f"--workdir={workdir}", *flags, *distributed],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+      )
+    )
   return processes
 
 

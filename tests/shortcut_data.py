@@ -8,9 +8,9 @@ transposed conv for ai-generated). In train/ human images are small and AI image
 classes share one size range, so only a model that learnt the trace scores well there.
 """
 
-from collections.abc import Sequence
 import dataclasses
 import pathlib
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
@@ -39,9 +39,13 @@ TEST_SIDES = SideRanges(human=(48, 128), ai=(48, 128))
 SCENE_SIDES = (160, 256)
 
 
-def fingerprinted_image(rng: np.random.Generator, label: int, side_range: tuple[int, int],
-                        scene_sides: tuple[int, int] | None = SCENE_SIDES,
-                        strength: float = FINGERPRINT_STRENGTH) -> np.ndarray:
+def fingerprinted_image(
+  rng: np.random.Generator,
+  label: int,
+  side_range: tuple[int, int],
+  scene_sides: tuple[int, int] | None = SCENE_SIDES,
+  strength: float = FINGERPRINT_STRENGTH,
+) -> np.ndarray:
   """One uint8[h, w, 3] drawing made as synthetic.py makes its records, with even sides in `side_range`.
 
   With `scene_sides`, the drawing is rendered on a canvas of that size range and a window of the image's
@@ -55,17 +59,24 @@ def fingerprinted_image(rng: np.random.Generator, label: int, side_range: tuple[
   if scene_sides is None:
     drawing = _draw(rng, height, width)
   else:
-    scene_height, scene_width = (max(int(side), size) for side, size in
-                                 zip(rng.integers(scene_sides[0], scene_sides[1] + 1, 2), (height, width)))
+    scene_height, scene_width = (
+      max(int(side), size) for side, size in zip(rng.integers(scene_sides[0], scene_sides[1] + 1, 2), (height, width))
+    )
     top, left = int(rng.integers(0, scene_height - height + 1)), int(rng.integers(0, scene_width - width + 1))
-    drawing = _draw(rng, scene_height, scene_width)[top:top + height, left:left + width]
+    drawing = _draw(rng, scene_height, scene_width)[top : top + height, left : left + width]
   halved = drawing.reshape(height // 2, 2, width // 2, 2, 3).mean(axis=(1, 3))
   image = upsample_transposed(halved, generator_kernel(strength if label == 1 else 0.0))
   return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
-def write_split(root: pathlib.Path, split: str, per_class: int, sides: SideRanges, seed: int,
-                scene_sides: tuple[int, int] | None = SCENE_SIDES) -> None:
+def write_split(
+  root: pathlib.Path,
+  split: str,
+  per_class: int,
+  sides: SideRanges,
+  seed: int,
+  scene_sides: tuple[int, int] | None = SCENE_SIDES,
+) -> None:
   """Writes root/split/<class>/NNNNN.png, `per_class` images of each class, reproducibly from `seed`."""
   for label, name in enumerate(CLASS_NAMES):
     folder = root / split / name
@@ -75,9 +86,13 @@ def write_split(root: pathlib.Path, split: str, per_class: int, sides: SideRange
       Image.fromarray(fingerprinted_image(rng, label, sides[label], scene_sides)).save(folder / f"{index:05d}.png")
 
 
-def write_size_confounded_folder(root: pathlib.Path, train_per_class: int, test_per_class: int,
-                                 seeds: Sequence[int] = (1, 2),
-                                 scene_sides: tuple[int, int] | None = SCENE_SIDES) -> pathlib.Path:
+def write_size_confounded_folder(
+  root: pathlib.Path,
+  train_per_class: int,
+  test_per_class: int,
+  seeds: Sequence[int] = (1, 2),
+  scene_sides: tuple[int, int] | None = SCENE_SIDES,
+) -> pathlib.Path:
   """Writes root/{train,test}/{human-art,ai-generated}/*.png: size-confounded train/, size-matched test/."""
   write_split(root, "train", train_per_class, TRAIN_SIDES, seeds[0], scene_sides)
   write_split(root, "test", test_per_class, TEST_SIDES, seeds[1], scene_sides)

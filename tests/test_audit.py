@@ -26,8 +26,9 @@ def _confounded_folder(root, per_class=20):
   rng = np.random.default_rng(0)
   for split in audit.SPLITS:
     for index in range(per_class):
-      _save(root / split / "human-art" / f"h{index}.png", int(rng.integers(80, 129)), int(rng.integers(80, 129)),
-            "PNG", rng)
+      _save(
+        root / split / "human-art" / f"h{index}.png", int(rng.integers(80, 129)), int(rng.integers(80, 129)), "PNG", rng
+      )
       _save(root / split / "ai-generated" / f"a{index}.jpg", 256, 256, "JPEG", rng)
   return root
 
@@ -63,8 +64,13 @@ def test_same_metadata_distribution_is_not_a_shortcut(tmp_path):
     for name in CLASSES:
       for index in range(25):
         image_format = "JPEG" if rng.random() < 0.5 else "PNG"
-        _save(tmp_path / split / name / f"{index}.{image_format.lower()}", int(rng.integers(64, 161)),
-              int(rng.integers(64, 161)), image_format, rng)
+        _save(
+          tmp_path / split / name / f"{index}.{image_format.lower()}",
+          int(rng.integers(64, 161)),
+          int(rng.integers(64, 161)),
+          image_format,
+          rng,
+        )
   result = audit.audit_folder(str(tmp_path), CLASSES, 112, 10**7)
   assert result["shortcut"] is False
   assert result["metadata_accuracy"] < result["chance_accuracy"] + audit.SHORTCUT_MARGIN
@@ -73,8 +79,9 @@ def test_same_metadata_distribution_is_not_a_shortcut(tmp_path):
 
 
 def _info(side, image_format="PNG"):
-  return ImageInfo(f"{side}.{image_format}", side * side, 0.0, side, side, image_format, "RGB",
-                   90 if image_format == "JPEG" else None)
+  return ImageInfo(
+    f"{side}.{image_format}", side * side, 0.0, side, side, image_format, "RGB", 90 if image_format == "JPEG" else None
+  )
 
 
 def test_overlap_mask_selects_images_inside_the_shared_ranges():
@@ -84,8 +91,15 @@ def test_overlap_mask_selects_images_inside_the_shared_ranges():
   records += [audit.AuditRecord("test", 1, _info(side, "JPEG" if side % 2 else "PNG")) for side in range(150, 251, 5)]
   result = audit.audit_records(records, CLASSES, 224)
   assert result["overlap_ranges"] == {"width": [155.0, 195.0], "height": [155.0, 195.0], "format": ["PNG"]}
-  queries = [_info(160), _info(155), _info(195), _info(150), _info(200), _info(165, "JPEG"),
-             ImageInfo("tall", 1, 0.0, 160, 200, "PNG", "RGB")]
+  queries = [
+    _info(160),
+    _info(155),
+    _info(195),
+    _info(150),
+    _info(200),
+    _info(165, "JPEG"),
+    ImageInfo("tall", 1, 0.0, 160, 200, "PNG", "RGB"),
+  ]
   assert audit.overlap_mask(result, queries).tolist() == [True, True, True, False, False, False, False]
 
   apart = [audit.AuditRecord("train", 0, _info(100)) for _ in range(10)]
@@ -96,8 +110,9 @@ def test_overlap_mask_selects_images_inside_the_shared_ranges():
 
 
 def _run_cli(*args):
-  return subprocess.run([sys.executable, "-m", "flax_detector.audit", *args], capture_output=True, text=True,
-                        timeout=120, check=False)
+  return subprocess.run(
+    [sys.executable, "-m", "flax_detector.audit", *args], capture_output=True, text=True, timeout=120, check=False
+  )
 
 
 def test_cli_writes_json_and_refuses_a_missing_folder(tmp_path):

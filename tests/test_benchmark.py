@@ -12,11 +12,19 @@ from flax_detector import models, throughput
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # The tiny config of conftest.tiny_config, as command-line overrides of the cpu preset.
-TINY_FLAGS = ["--config=configs/vgg16.py:cpu", "--config.image_size=32", "--config.batch_size=16",
-              "--config.eval_batch_size=16", "--config.model.width_multiplier=0.0625", "--config.data.worker_count=0",
-              "--config.data.eval_grid=2", "--config.data.synthetic_train_size=160",
-              "--config.data.synthetic_test_size=40", "--config.data.synthetic_min_side=32",
-              "--config.data.synthetic_max_side=48"]
+TINY_FLAGS = [
+  "--config=configs/vgg16.py:cpu",
+  "--config.image_size=32",
+  "--config.batch_size=16",
+  "--config.eval_batch_size=16",
+  "--config.model.width_multiplier=0.0625",
+  "--config.data.worker_count=0",
+  "--config.data.eval_grid=2",
+  "--config.data.synthetic_train_size=160",
+  "--config.data.synthetic_test_size=40",
+  "--config.data.synthetic_min_side=32",
+  "--config.data.synthetic_max_side=48",
+]
 
 
 def _torch_reference():
@@ -41,9 +49,24 @@ def test_torch_reference_has_the_flax_models_parameter_count(batch_norm):
 def test_cli_prints_each_part_and_the_torch_ratio():
   compare = ["--compare_torch", "--notorch_compile"] if importlib.util.find_spec("torch") else []
   done = subprocess.run(
-      [sys.executable, "-m", "flax_detector.benchmark", *TINY_FLAGS, "--parts=step,eval,input", "--steps=2",
-       "--warmup=1", "--rounds=1", *compare], cwd=REPO, capture_output=True, text=True, timeout=600,
-      env={**os.environ, "PYTHONPATH": str(REPO)}, check=False)
+    [
+      sys.executable,
+      "-m",
+      "flax_detector.benchmark",
+      *TINY_FLAGS,
+      "--parts=step,eval,input",
+      "--steps=2",
+      "--warmup=1",
+      "--rounds=1",
+      *compare,
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env={**os.environ, "PYTHONPATH": str(REPO)},
+    check=False,
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   results = json.loads(done.stdout.strip().splitlines()[-1])
   assert results["devices"] == 8  # conftest's simulated devices reach the child through XLA_FLAGS
@@ -56,7 +79,8 @@ def test_cli_prints_each_part_and_the_torch_ratio():
   assert "train step alone" in done.stdout
   if compare:
     assert results["jax_over_torch_eager"] == pytest.approx(
-        results["train_images_per_second"] / results["torch_eager_images_per_second"])
+      results["train_images_per_second"] / results["torch_eager_images_per_second"]
+    )
 
 
 def test_end_to_end_rate_comes_from_the_real_loop(make_config):

@@ -16,12 +16,12 @@ def _scores(seed: int, n: int, positive_share: float, ties: bool) -> tuple[np.nd
 
 
 CASES = {
-    "continuous": _scores(0, 500, 0.5, ties=False),
-    "ties": _scores(1, 500, 0.5, ties=True),
-    "imbalanced_ties": _scores(2, 400, 0.08, ties=True),
-    "mostly_positive": _scores(3, 300, 0.9, ties=False),
-    "perfect": (np.array([0.0, 0.1, 0.2, 0.8, 0.9, 1.0]), np.array([0, 0, 0, 1, 1, 1])),
-    "all_tied": (np.full(10, 0.5), np.array([0, 1] * 5)),
+  "continuous": _scores(0, 500, 0.5, ties=False),
+  "ties": _scores(1, 500, 0.5, ties=True),
+  "imbalanced_ties": _scores(2, 400, 0.08, ties=True),
+  "mostly_positive": _scores(3, 300, 0.9, ties=False),
+  "perfect": (np.array([0.0, 0.1, 0.2, 0.8, 0.9, 1.0]), np.array([0, 0, 0, 1, 1, 1])),
+  "all_tied": (np.full(10, 0.5), np.array([0, 1] * 5)),
 }
 
 
@@ -125,8 +125,15 @@ def test_single_class_gives_null_ranking_metrics():
     binary_metrics.roc_curve(p, np.zeros(3, bool))
 
 
-@pytest.mark.parametrize("p, y", [(np.array([0.5, 1.2]), np.array([0, 1])), (np.array([0.5]), np.array([0, 1])),
-                                  (np.array([0.5, 0.2]), np.array([0, 2])), (np.array([]), np.array([]))])
+@pytest.mark.parametrize(
+  "p, y",
+  [
+    (np.array([0.5, 1.2]), np.array([0, 1])),
+    (np.array([0.5]), np.array([0, 1])),
+    (np.array([0.5, 0.2]), np.array([0, 2])),
+    (np.array([]), np.array([])),
+  ],
+)
 def test_bad_inputs_are_rejected(p, y):
   with pytest.raises(ValueError):
     binary_metrics.summarize(p, y, 0.5)

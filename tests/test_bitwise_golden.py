@@ -36,8 +36,8 @@ def test_fixed_seed_run_gives_the_recorded_parameters_bitwise(trained_workdir):
 if __name__ == "__main__":
   import tempfile  # pylint: disable=g-import-not-at-top
 
-  from tests import conftest  # pylint: disable=g-import-not-at-top  (sets the 8 simulated devices)
   from flax_detector import train  # pylint: disable=g-import-not-at-top
+  from tests import conftest  # pylint: disable=g-import-not-at-top  (sets the 8 simulated devices)
 
   with tempfile.TemporaryDirectory() as directory:
     train.train_and_evaluate(conftest.tiny_config(), directory)

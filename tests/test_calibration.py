@@ -40,17 +40,21 @@ def test_temperature_for_unnormalised_view_averaged_log_probs():
   # An average of log-softmaxes is not normalised; scaling must renormalise, so a constant shift is irrelevant.
   log_probs, labels = _overconfident(2, 5000, 2, 2.0)
   assert calibration.fit_temperature(log_probs - 0.7, labels) == pytest.approx(
-      calibration.fit_temperature(log_probs, labels), rel=1e-5)
-  np.testing.assert_allclose(calibration.apply_temperature(log_probs - 0.7, 2.0),
-                             calibration.apply_temperature(log_probs, 2.0))
+    calibration.fit_temperature(log_probs, labels), rel=1e-5
+  )
+  np.testing.assert_allclose(
+    calibration.apply_temperature(log_probs - 0.7, 2.0), calibration.apply_temperature(log_probs, 2.0)
+  )
 
 
 def test_temperature_stays_within_its_bounds():
   log_probs = np.log(np.array([[0.9, 0.1], [0.1, 0.9]] * 10))
-  assert calibration.fit_temperature(log_probs, np.array([0, 1] * 10)) == pytest.approx(calibration.MIN_TEMPERATURE,
-                                                                                        rel=1e-3)
-  assert calibration.fit_temperature(log_probs, np.array([1, 0] * 10)) == pytest.approx(calibration.MAX_TEMPERATURE,
-                                                                                        rel=1e-3)
+  assert calibration.fit_temperature(log_probs, np.array([0, 1] * 10)) == pytest.approx(
+    calibration.MIN_TEMPERATURE, rel=1e-3
+  )
+  assert calibration.fit_temperature(log_probs, np.array([1, 0] * 10)) == pytest.approx(
+    calibration.MAX_TEMPERATURE, rel=1e-3
+  )
 
 
 def test_apply_temperature_matches_a_hand_computation():

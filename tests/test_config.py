@@ -26,7 +26,9 @@ def test_command_line_class_names_are_split_in_a_copy():
   assert config.data.class_names == ("real,fake",)  # the caller's config is left as it was
 
 
-@pytest.mark.parametrize("field, value, message", [
+@pytest.mark.parametrize(
+  "field, value, message",
+  [
     ("image_size", 16, "image_size=16"),
     ("log_every_steps", 0, "log_every_steps=0"),
     ("sharding", "tp", "sharding='tp'"),
@@ -43,7 +45,8 @@ def test_command_line_class_names_are_split_in_a_copy():
     ("data.worker_buffer_size", 0, "data.worker_buffer_size"),
     ("model.dtype", "int8", "model.dtype"),
     ("model.dtype", "float33", "model.dtype"),
-])
+  ],
+)
 def test_bad_fields_are_named(field, value, message):
   config = get_config("cpu")
   parent, _, leaf = field.rpartition(".")

@@ -1,8 +1,8 @@
 import io
 
 import numpy as np
-from PIL import Image
 import pytest
+from PIL import Image
 
 from flax_detector.data.decode import UnreadableImageError, decode_image, read_image
 

@@ -48,10 +48,13 @@ def test_frozen_features_carry_no_optimizer_state():
   assert 2 * classifier <= _size(frozen.opt_state) < 2 * classifier + 8
 
 
-@pytest.mark.parametrize("overrides, message", [
+@pytest.mark.parametrize(
+  "overrides, message",
+  [
     ({"freeze": "conv"}, "freeze='conv': use one of ('none', 'features')"),
     ({"init_from": "/no/such/weights.safetensors"}, "no such file or folder"),
-])
+  ],
+)
 def test_fine_tuning_settings_are_checked_before_any_data_is_read(overrides, message):
   with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
     config_validation.validate(tiny_config(**overrides))
@@ -76,15 +79,23 @@ def test_fine_tuning_with_frozen_features_trains_only_a_new_head(imagenet_like, 
   state_dict, source = imagenet_like
   config = tiny_config(init_from=source, freeze="features")
   model = create_model(config.model, 2, frozen_features=True)
-  fresh = _state_holding(config, model, torchvision_layout.save(
-      torchvision_layout.random_state_dict(True, WIDTH, 2, seed=7), tmp_path / "fresh.safetensors"))
+  fresh = _state_holding(
+    config,
+    model,
+    torchvision_layout.save(
+      torchvision_layout.random_state_dict(True, WIDTH, 2, seed=7), tmp_path / "fresh.safetensors"
+    ),
+  )
   with caplog.at_level(logging.INFO):
     state = finetune.start_from_init_from(fresh, config)
   assert "its last layer (Dense_2) has 5 classes, this model 2: that layer is re-initialised" in caplog.text
   assert np.array_equal(np.asarray(state.params["Dense_2"]["kernel"]), np.asarray(fresh.params["Dense_2"]["kernel"]))
   rng = np.random.default_rng(0)
-  batch = {"image": rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8),
-           "label": rng.integers(0, 2, 8).astype(np.int32), "mask": np.ones(8, bool)}
+  batch = {
+    "image": rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8),
+    "label": rng.integers(0, 2, 8).astype(np.int32),
+    "mask": np.ones(8, bool),
+  }
   step = jax.jit(functools.partial(train.train_step, class_weights=np.ones(2, np.float32)))
   for _ in range(2):
     state, _ = step(state, batch)
@@ -106,31 +117,40 @@ def test_training_resumes_from_an_imported_workdir_at_step_zero(imagenet_like, t
   abstract = _abstract_state(config)
   shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abstract)
   with checkpoint.Checkpointer(tmp_path / "imported" / "checkpoints", 1, 1, checkpoint.Topology(1, 0)) as saved:
-    state, data_position = saved.restore_latest(checkpoint.abstract_with_shardings(abstract, shardings),
-                                                lambda start_step: start_step)
+    state, data_position = saved.restore_latest(
+      checkpoint.abstract_with_shardings(abstract, shardings), lambda start_step: start_step
+    )
   assert int(state.step) == 0 and data_position == 0
   expected = to_flax_variables(two_classes, source)
   assert np.array_equal(np.asarray(state.params["Dense_0"]["kernel"]), expected["params"]["Dense_0"]["kernel"])
-  assert np.array_equal(np.asarray(state.batch_stats["BatchNorm_7"]["var"]),
-                        expected["batch_stats"]["BatchNorm_7"]["var"])
+  assert np.array_equal(
+    np.asarray(state.batch_stats["BatchNorm_7"]["var"]), expected["batch_stats"]["BatchNorm_7"]["var"]
+  )
   assert all(not np.any(np.asarray(moment)) for moment in jax.tree.leaves(state.opt_state))  # a fresh optimizer
 
 
 def test_init_from_a_workdir_loads_every_layer_of_the_same_class_count(tmp_path):
   config = tiny_config()
   two_classes = torchvision_layout.random_state_dict(True, WIDTH, 2, seed=6)
-  import_weights.import_weights(torchvision_layout.save(two_classes, tmp_path / "w.safetensors"),
-                                str(tmp_path / "imported"), config)
+  import_weights.import_weights(
+    torchvision_layout.save(two_classes, tmp_path / "w.safetensors"), str(tmp_path / "imported"), config
+  )
   config.init_from = str(tmp_path / "imported")
   model = create_model(config.model, 2)
-  fresh = _state_holding(config, model, torchvision_layout.save(
-      torchvision_layout.random_state_dict(True, WIDTH, 2, seed=8), tmp_path / "fresh.safetensors"))
+  fresh = _state_holding(
+    config,
+    model,
+    torchvision_layout.save(
+      torchvision_layout.random_state_dict(True, WIDTH, 2, seed=8), tmp_path / "fresh.safetensors"
+    ),
+  )
   started = finetune.start_from_init_from(fresh, config)
   expected = to_flax_variables(two_classes, "")
   assert np.array_equal(np.asarray(started.params["Dense_2"]["kernel"]), expected["params"]["Dense_2"]["kernel"])
   assert np.array_equal(np.asarray(started.params["Conv_3"]["kernel"]), expected["params"]["Conv_3"]["kernel"])
   config.model.width_multiplier = 1 / 8
-  wider = jax.eval_shape(lambda: init_variables(create_model(config.model, 2), config.image_size,
-                                                jax.random.PRNGKey(0)))
+  wider = jax.eval_shape(
+    lambda: init_variables(create_model(config.model, 2), config.image_size, jax.random.PRNGKey(0))
+  )
   with pytest.raises(finetune.WeightsFileError, match=r"params/BatchNorm_0/bias has shape \(4,\), the model needs"):
     finetune.fitted_leaves(finetune.load_pretrained(config.init_from), wider, config, new_head_allowed=True)

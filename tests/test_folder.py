@@ -3,8 +3,8 @@ import os
 from unittest import mock
 
 import numpy as np
-from PIL import Image
 import pytest
+from PIL import Image
 
 from flax_detector.data import probe
 from flax_detector.data.folder import ImageFolderSource, IndexOptions, skipped_lines
@@ -29,9 +29,16 @@ def test_nested_files_any_case_and_hidden_entries_skipped(tmp_path):
   _image(tmp_path / "train/ai-generated/f.Bmp", fmt="BMP")
   _image(tmp_path / "train/ai-generated/g.gif", value=9, fmt="GIF")
   source = ImageFolderSource(str(tmp_path), "train", CLASSES)
-  assert sorted(source.keys) == sorted(["train/human-art/a.png", "train/human-art/sub/deeper/b.JPG",
-                                        "train/ai-generated/d.WebP", "train/ai-generated/e.jpeg",
-                                        "train/ai-generated/f.Bmp", "train/ai-generated/g.gif"])
+  assert sorted(source.keys) == sorted(
+    [
+      "train/human-art/a.png",
+      "train/human-art/sub/deeper/b.JPG",
+      "train/ai-generated/d.WebP",
+      "train/ai-generated/e.jpeg",
+      "train/ai-generated/f.Bmp",
+      "train/ai-generated/g.gif",
+    ]
+  )
   np.testing.assert_array_equal(np.bincount(source.labels), [2, 4])
   image, label = source[source.keys.index("train/ai-generated/g.gif")]
   assert image.shape == (6, 8, 3) and label == 1
@@ -78,8 +85,18 @@ def _awkward_folder(root):
   (folder / "empty.png").write_bytes(b"")
   (folder / "text.png").write_text("this is not an image")
   Image.new("RGB", (3000, 3000)).save(folder / "huge.png")
-  readable = ["cmyk.jpg", "palette.png", "sixteen_bit.png", "rotated.jpg", "lossless.webp", "animated.gif",
-              "one_pixel.png", "panorama.PNG", "UPPER.JPEG", "bad\udcff\udcfe.png"]
+  readable = [
+    "cmyk.jpg",
+    "palette.png",
+    "sixteen_bit.png",
+    "rotated.jpg",
+    "lossless.webp",
+    "animated.gif",
+    "one_pixel.png",
+    "panorama.PNG",
+    "UPPER.JPEG",
+    "bad\udcff\udcfe.png",
+  ]
   unusable = ["truncated.jpg", "empty.png", "text.png", "huge.png"]
   return folder, readable, unusable
 

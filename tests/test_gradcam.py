@@ -39,7 +39,10 @@ def test_positive_log_odds_of_two_classes_is_the_logit_difference():
 def test_fitted_shape_is_the_shape_eval_transform_crops_from(mode, shape):
   image = np.zeros(shape + (3,), np.uint8)
   content = preprocess.resize_shorter_side(image, 32) if mode == "resize" else image
-  assert gradcam.fitted_shape(*shape, 32, mode) == (content.shape[:2], preprocess.pad_to_at_least(content, 32).shape[:2])
+  assert gradcam.fitted_shape(*shape, 32, mode) == (
+    content.shape[:2],
+    preprocess.pad_to_at_least(content, 32).shape[:2],
+  )
 
 
 def test_heatmap_puts_each_views_map_where_its_crop_was_cut():
@@ -91,7 +94,7 @@ def _patch_image(shape: tuple[int, int], top: int, left: int, side: int) -> np.n
   """A flat background with one square whose pixels passed through the generator's traced upsampler."""
   image = np.ones(shape + (3,)) * BACKGROUND
   halved = np.ones((side // 2, side // 2, 3)) * BACKGROUND
-  image[top:top + side, left:left + side] = upsample_transposed(halved, generator_kernel(0.1))
+  image[top : top + side, left : left + side] = upsample_transposed(halved, generator_kernel(0.1))
   return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
@@ -124,7 +127,7 @@ def test_the_map_points_at_the_one_traced_patch(trace_detector, top, left):
   _, view_cams = detector.explain([detector.views(image)])
   heat = detector.heatmap(view_cams[0], shape)
   inside = np.zeros(shape, bool)
-  inside[top:top + side, left:left + side] = True
+  inside[top : top + side, left : left + side] = True
   ratio = heat[inside].mean() / heat[~inside].mean()
   print(f"patch at ({top}, {left}): mean heat inside / outside = {ratio:.1f}")
   assert ratio > 4

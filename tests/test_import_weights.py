@@ -29,16 +29,25 @@ def imported(tmp_path_factory):
   """{batch_norm: (state dict, workdir)}: VGG16-BN through the function, plain VGG16 through the command line."""
   folder = tmp_path_factory.mktemp("imported")
   with_bn = torchvision_layout.random_state_dict(True, WIDTH, 2, seed=1)
-  import_weights.import_weights(torchvision_layout.save(with_bn, folder / "bn.safetensors"), str(folder / "bn"),
-                                _config())
+  import_weights.import_weights(
+    torchvision_layout.save(with_bn, folder / "bn.safetensors"), str(folder / "bn"), _config()
+  )
   plain = torchvision_layout.random_state_dict(False, WIDTH, 2, seed=2)
-  command = [sys.executable, "-m", "flax_detector.import_weights", f"--source={folder / 'plain.safetensors'}",
-             f"--workdir={folder / 'plain'}", "--config=configs/vgg16.py:cpu",
-             f"--config.model.width_multiplier={WIDTH}", f"--config.image_size={IMAGE_SIZE}",
-             "--config.data.eval_grid=1"]
+  command = [
+    sys.executable,
+    "-m",
+    "flax_detector.import_weights",
+    f"--source={folder / 'plain.safetensors'}",
+    f"--workdir={folder / 'plain'}",
+    "--config=configs/vgg16.py:cpu",
+    f"--config.model.width_multiplier={WIDTH}",
+    f"--config.image_size={IMAGE_SIZE}",
+    "--config.data.eval_grid=1",
+  ]
   torchvision_layout.save(plain, folder / "plain.safetensors")
-  done = subprocess.run(command, capture_output=True, text=True, check=False,
-                        cwd=os.path.dirname(os.path.dirname(__file__)))
+  done = subprocess.run(
+    command, capture_output=True, text=True, check=False, cwd=os.path.dirname(os.path.dirname(__file__))
+  )
   assert done.returncode == 0, done.stderr[-2000:]
   assert "Imported vgg16 weights" in done.stdout
   return {True: (with_bn, folder / "bn"), False: (plain, folder / "plain")}
@@ -62,8 +71,10 @@ def test_imported_checkpoint_holds_the_weights_in_flax_layout(imported):
   first_linear = state["classifier.0.weight"]  # inputs flattened (channel, row, column)
   channels = last_conv.shape[0]
   for channel, row, column, output in [(0, 0, 1, 5), (channels - 1, 6, 2, 0), (3, 4, 6, 17)]:
-    assert (np.asarray(params["Dense_0"]["kernel"])[(row * 7 + column) * channels + channel, output]
-            == first_linear[output, channel * 49 + row * 7 + column])
+    assert (
+      np.asarray(params["Dense_0"]["kernel"])[(row * 7 + column) * channels + channel, output]
+      == first_linear[output, channel * 49 + row * 7 + column]
+    )
   assert np.array_equal(np.asarray(params["Dense_2"]["kernel"]), state["classifier.6.weight"].T)
   assert np.array_equal(np.asarray(params["BatchNorm_4"]["scale"]), state["features.15.weight"])
   assert np.array_equal(np.asarray(stats["BatchNorm_4"]["var"]), state["features.15.running_var"])
@@ -84,8 +95,15 @@ def _torch_vgg16(state: dict[str, np.ndarray], batch_norm: bool):
   hidden, classes = state["classifier.3.weight"].shape[0], state["classifier.6.weight"].shape[0]
   model = nn.Module()
   model.features, model.avgpool = nn.Sequential(*layers), nn.AdaptiveAvgPool2d((7, 7))
-  model.classifier = nn.Sequential(nn.Linear(inputs * 49, hidden), nn.ReLU(), nn.Dropout(), nn.Linear(hidden, hidden),
-                                   nn.ReLU(), nn.Dropout(), nn.Linear(hidden, classes))
+  model.classifier = nn.Sequential(
+    nn.Linear(inputs * 49, hidden),
+    nn.ReLU(),
+    nn.Dropout(),
+    nn.Linear(hidden, hidden),
+    nn.ReLU(),
+    nn.Dropout(),
+    nn.Linear(hidden, classes),
+  )
   model.load_state_dict({name: torch.from_numpy(value) for name, value in state.items()}, strict=True)
   return model.eval()
 
@@ -144,8 +162,11 @@ def test_a_state_dict_that_is_not_vgg16_lists_the_missing_tensors(tmp_path):
   del state["features.41.running_var"]
   state["fc.weight"] = np.zeros((2, 2), np.float32)
   source = torchvision_layout.save(state, tmp_path / "w.safetensors")
-  with pytest.raises(WeightsFileError, match=r"not a torchvision vgg16_bn state dict: 1 tensors missing "
-                     r"\['features.41.running_var'\], 1 unexpected \['fc.weight'\]"):
+  with pytest.raises(
+    WeightsFileError,
+    match=r"not a torchvision vgg16_bn state dict: 1 tensors missing "
+    r"\['features.41.running_var'\], 1 unexpected \['fc.weight'\]",
+  ):
     import_weights.import_weights(source, str(tmp_path / "out"), _config())
 
 

@@ -44,7 +44,7 @@ def test_every_epoch_sees_every_record_once_in_a_new_order(make_config):
   n = len(splits.train)
   first, second = records[epochs == 0], records[epochs == 1]
   assert sorted(first.tolist()) == list(range(n))
-  assert len(second) and not np.array_equal(first[:len(second)], second)
+  assert len(second) and not np.array_equal(first[: len(second)], second)
 
 
 @pytest.mark.parametrize("process_count", [2, 4])

@@ -8,13 +8,13 @@ records its arguments), so the retry, requeue and signal logic runs for real in 
 
 import importlib.util
 import os
-from pathlib import Path
 import re
 import shlex
 import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -45,8 +45,13 @@ def sandbox(tmp_path):
   bin_dir.mkdir()
   for tool in ("gcloud", "srun", "scontrol", "sbatch"):
     _write_executable(bin_dir / tool, POISON)
-  env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp_path), "USER": "tester",
-         "POISON_LOG": str(tmp_path / "poison.log"), "LC_ALL": "C"}
+  env = {
+    "PATH": f"{bin_dir}:{os.environ['PATH']}",
+    "HOME": str(tmp_path),
+    "USER": "tester",
+    "POISON_LOG": str(tmp_path / "poison.log"),
+    "LC_ALL": "C",
+  }
   yield env, bin_dir, tmp_path
   assert not (tmp_path / "poison.log").exists(), (tmp_path / "poison.log").read_text()
 
@@ -58,14 +63,16 @@ def _write_executable(path: Path, text: str) -> None:
 
 def _run(script: Path, *args: str, env: dict[str, str], cwd: Path = ROOT, timeout: float = 20):
   """Runs the script as a user does, through its #! line (bash, or python3 for tpu_vm.py)."""
-  return subprocess.run([str(script), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                        check=False)
+  return subprocess.run(
+    [str(script), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
+  )
 
 
 def _start(script: Path, *args: str, env: dict[str, str]) -> subprocess.Popen:
   """_run in the background, for the tests that signal the script."""
-  return subprocess.Popen([str(script), *args], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
+  return subprocess.Popen(
+    [str(script), *args], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
 
 
 def _dry_run(script: Path, *args: str, env: dict[str, str], cwd: Path = ROOT):
@@ -81,7 +88,7 @@ def _commands(stdout: str) -> list[list[str]]:
 
 
 def _find(commands: list[list[str]], *prefix: str) -> list[int]:
-  return [i for i, cmd in enumerate(commands) if cmd[:len(prefix)] == list(prefix)]
+  return [i for i, cmd in enumerate(commands) if cmd[: len(prefix)] == list(prefix)]
 
 
 def _option(cmd: list[str], name: str) -> str:
@@ -106,8 +113,9 @@ def test_scripts_are_executable_and_parse(script):
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
 def test_shellcheck_is_clean():
   # -x: follow the scripts into the common.sh they source.
-  result = subprocess.run(["shellcheck", "-x", *map(str, [*SHELL_SCRIPTS, COMMON])], capture_output=True, text=True,
-                          check=False)
+  result = subprocess.run(
+    ["shellcheck", "-x", *map(str, [*SHELL_SCRIPTS, COMMON])], capture_output=True, text=True, check=False
+  )
   assert result.returncode == 0, result.stdout
 
 
@@ -128,8 +136,11 @@ option_value --opt --opt --dry-run"""
 
 def test_common_is_url_agrees_with_workdir_is_url():
   paths = ["gs://bucket/run", "s3://b/k", "runs/x", "/abs/path", "file:///tmp/x", "weird:name", "", "a//b"]
-  script = f"source {shlex.quote(str(COMMON))}; for p in " + " ".join(map(shlex.quote, paths)) + \
-      '; do is_url "$p" && echo 1 || echo 0; done'
+  script = (
+    f"source {shlex.quote(str(COMMON))}; for p in "
+    + " ".join(map(shlex.quote, paths))
+    + '; do is_url "$p" && echo 1 || echo 0; done'
+  )
   result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True)
   assert result.stdout.split() == [str(int(workdir.is_url(path))) for path in paths]
 
@@ -166,8 +177,9 @@ TPU_ARGS = ("--zone=us-west4-a", "--workdir=gs://bucket/runs/vgg16", "--name=my-
 
 def test_tpu_dry_run_creates_copies_installs_trains_and_deletes(sandbox):
   env, _, _ = sandbox
-  _, commands = _dry_run(TPU_VM, *TPU_ARGS, "--", "--config.data.dir=gs://bucket/data", "--config.note=two words",
-                         env=env)
+  _, commands = _dry_run(
+    TPU_VM, *TPU_ARGS, "--", "--config.data.dir=gs://bucket/data", "--config.note=two words", env=env
+  )
 
   [create] = _find(commands, *GCLOUD_TPU_VM, "create")
   assert commands[create][5] == "my-tpu"
@@ -197,9 +209,13 @@ def test_tpu_dry_run_creates_copies_installs_trains_and_deletes(sandbox):
   # The remote command itself must survive the worker's shell: split it a second time.
   remote = shlex.split(_option(commands[train], "--command"))
   main = remote.index("-m")
-  assert remote[main:main + 2] == ["-m", "flax_detector.main"]
-  assert remote[main + 2:] == ["--config=configs/vgg16.py", "--workdir=gs://bucket/runs/vgg16",
-                               "--config.data.dir=gs://bucket/data", "--config.note=two words"]
+  assert remote[main : main + 2] == ["-m", "flax_detector.main"]
+  assert remote[main + 2 :] == [
+    "--config=configs/vgg16.py",
+    "--workdir=gs://bucket/runs/vgg16",
+    "--config.data.dir=gs://bucket/data",
+    "--config.note=two words",
+  ]
   assert not any(word.startswith(("--coordinator_address", "--process_id")) for word in remote)
 
   [delete] = _find(commands, *GCLOUD_TPU_VM, "delete")
@@ -217,8 +233,9 @@ def test_tpu_dry_run_keep_does_not_delete(sandbox):
 
 def test_tpu_dry_run_queued_resource(sandbox):
   env, _, _ = sandbox
-  _, commands = _dry_run(TPU_VM, *TPU_ARGS, "--queued", "--spot", "--project=my-project", "--accelerator-type=v4-32",
-                         env=env)
+  _, commands = _dry_run(
+    TPU_VM, *TPU_ARGS, "--queued", "--spot", "--project=my-project", "--accelerator-type=v4-32", env=env
+  )
   [create] = _find(commands, *GCLOUD_QUEUED, "create")
   assert commands[create][5] == "my-tpu"
   assert _option(commands[create], "--node-id") == "my-tpu"
@@ -234,8 +251,16 @@ def test_tpu_dry_run_queued_resource(sandbox):
 
 def test_tpu_options_from_environment(sandbox):
   env, _, _ = sandbox
-  env = {**env, "TPU_ZONE": "europe-west4-a", "WORKDIR": "gs://b/w", "TPU_NAME": "env-tpu", "DRY_RUN": "1",
-         "TPU_ACCELERATOR_TYPE": "v6e-16", "TPU_PREEMPTIBLE": "1", "CONFIG": "configs/vgg16.py:cpu"}
+  env = {
+    **env,
+    "TPU_ZONE": "europe-west4-a",
+    "WORKDIR": "gs://b/w",
+    "TPU_NAME": "env-tpu",
+    "DRY_RUN": "1",
+    "TPU_ACCELERATOR_TYPE": "v6e-16",
+    "TPU_PREEMPTIBLE": "1",
+    "CONFIG": "configs/vgg16.py:cpu",
+  }
   _, commands = _dry_run(TPU_VM, env=env)
   [create] = _find(commands, *GCLOUD_TPU_VM, "create")
   assert commands[create][5] == "env-tpu" and "--zone=europe-west4-a" in commands[create]
@@ -244,7 +269,9 @@ def test_tpu_options_from_environment(sandbox):
   assert "--config=configs/vgg16.py:cpu --workdir=gs://b/w" in _option(commands[train], "--command")
 
 
-@pytest.mark.parametrize("script, args, message", [
+@pytest.mark.parametrize(
+  "script, args, message",
+  [
     (TPU_VM, ("--workdir=gs://b/w",), "--zone is required"),
     (TPU_VM, ("--zone=us-west4-a",), "--workdir is required"),
     (TPU_VM, ("--zone=z", "--workdir=gs://b/w", "--accelerator-type=v9-8"), "--runtime-version"),
@@ -256,7 +283,9 @@ def test_tpu_options_from_environment(sandbox):
     (LOCAL, (), "--workdir is required"),
     (LOCAL, ("--workdir=w", "-n", "0"), "--num-processes"),
     (LOCAL, ("--workdir=w", "--port=http"), "--port"),
-], ids=lambda value: value.name if isinstance(value, Path) else None)
+  ],
+  ids=lambda value: value.name if isinstance(value, Path) else None,
+)
 def test_bad_options_fail_naming_the_option(sandbox, script, args, message):
   env, _, _ = sandbox
   result = _run(script, "--dry-run", *args, env=env)
@@ -318,8 +347,14 @@ def fake_gcloud(sandbox):
   env = {**env, "TPU_POLL_SECONDS": "0"}
 
   def run(outcomes: str, *args: str, **extra_env: str):
-    result = _run(TPU_VM, "--zone=z", "--workdir=gs://b/w", "--name=fake-tpu", *args,
-                  env={**env, "FAKE_TRAIN": outcomes, **extra_env})
+    result = _run(
+      TPU_VM,
+      "--zone=z",
+      "--workdir=gs://b/w",
+      "--name=fake-tpu",
+      *args,
+      env={**env, "FAKE_TRAIN": outcomes, **extra_env},
+    )
     calls = (fake_dir / "calls.log").read_text().splitlines()
     verbs = [call.split()[3] for call in calls if call.split()[3] in ("create", "delete")]
     state = (fake_dir / "state").read_text().strip()
@@ -374,22 +409,41 @@ def test_tpu_keep_leaves_the_tpu_and_reuses_it(fake_gcloud):
 def test_slurm_header_requests_one_task_per_node_and_requeue():
   directives = [line.split(None, 1)[1] for line in SLURM.read_text().splitlines() if line.startswith("#SBATCH ")]
   names = {directive.split("=")[0] for directive in directives}
-  assert {"--nodes", "--ntasks-per-node", "--gpus-per-node", "--cpus-per-task", "--time", "--output",
-          "--requeue", "--signal"} <= names
+  assert {
+    "--nodes",
+    "--ntasks-per-node",
+    "--gpus-per-node",
+    "--cpus-per-task",
+    "--time",
+    "--output",
+    "--requeue",
+    "--signal",
+  } <= names
   assert "--ntasks-per-node=1" in directives
   assert any(directive.startswith("--signal=B:TERM@") for directive in directives)
 
 
 def test_slurm_dry_run_prints_srun(sandbox):
   env, _, tmp_path = sandbox
-  env = {**env, "DRY_RUN": "1", "WORKDIR": "/shared/runs/x", "CONFIG": "configs/vgg16.py:cpu",
-         "EXTRA_ARGS": "--config.num_epochs=3 --config.data.dir=/shared/data", "VENV": str(tmp_path / "venv")}
+  env = {
+    **env,
+    "DRY_RUN": "1",
+    "WORKDIR": "/shared/runs/x",
+    "CONFIG": "configs/vgg16.py:cpu",
+    "EXTRA_ARGS": "--config.num_epochs=3 --config.data.dir=/shared/data",
+    "VENV": str(tmp_path / "venv"),
+  }
   _, commands = _dry_run(SLURM, "--config.seed=7", env=env)
   [srun] = [cmd for cmd in commands if cmd[0] == "srun"]
   main = srun.index("-m")
-  assert srun[main - 1:main + 2] == ["python", "-m", "flax_detector.main"]
-  assert srun[main + 2:] == ["--config=configs/vgg16.py:cpu", "--workdir=/shared/runs/x", "--config.num_epochs=3",
-                             "--config.data.dir=/shared/data", "--config.seed=7"]
+  assert srun[main - 1 : main + 2] == ["python", "-m", "flax_detector.main"]
+  assert srun[main + 2 :] == [
+    "--config=configs/vgg16.py:cpu",
+    "--workdir=/shared/runs/x",
+    "--config.num_epochs=3",
+    "--config.data.dir=/shared/data",
+    "--config.seed=7",
+  ]
   assert "--kill-on-bad-exit=1" in srun
   assert ["source", f"{tmp_path}/venv/bin/activate"] in commands
   # One process per node drives all its GPUs (JAX would otherwise give each process one).
@@ -453,8 +507,14 @@ echo "$*" >> "$FAKE_DIR/scontrol"
 @pytest.fixture
 def fake_slurm(sandbox):
   env, fake_dir = _install_fakes(sandbox, {"srun": FAKE_SRUN, "scontrol": FAKE_SCONTROL})
-  env = {**env, "WORKDIR": str(sandbox[2] / "run"), "SLURM_JOB_ID": "42",
-         "SLURM_JOB_NUM_NODES": "2", "SLURM_NTASKS": "2", "SLURM_SUBMIT_DIR": str(ROOT)}
+  env = {
+    **env,
+    "WORKDIR": str(sandbox[2] / "run"),
+    "SLURM_JOB_ID": "42",
+    "SLURM_JOB_NUM_NODES": "2",
+    "SLURM_NTASKS": "2",
+    "SLURM_SUBMIT_DIR": str(ROOT),
+  }
   return env, fake_dir
 
 
@@ -492,9 +552,17 @@ def _wait_for(path: Path, text: str = "", timeout: float = 10) -> None:
 def test_local_dry_run_prints_one_command_per_process(sandbox):
   env, _, tmp_path = sandbox
   workdir = tmp_path / "run"
-  result, commands = _dry_run(LOCAL, f"--workdir={workdir}", "-n", "3", "--devices-per-process=4", "--dry-run", "--",
-                              "--config.num_train_steps=5",
-                              env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+  result, commands = _dry_run(
+    LOCAL,
+    f"--workdir={workdir}",
+    "-n",
+    "3",
+    "--devices-per-process=4",
+    "--dry-run",
+    "--",
+    "--config.num_train_steps=5",
+    env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+  )
   lines = [line for line in result.stdout.splitlines() if "flax_detector.main" in line]
   assert len(lines) == 3
   addresses, ids = set(), []
@@ -553,8 +621,17 @@ def _logs(workdir: Path, n: int) -> list[str]:
 
 def test_local_runs_all_processes_and_writes_their_logs(fake_python):
   env, python, workdir = fake_python
-  result = _run(LOCAL, f"--workdir={workdir}", "-n", "3", f"--python={python}", "--quiet", "--", "--config.seed=1",
-                env={**env, "FAKE_MODE": "ok"})
+  result = _run(
+    LOCAL,
+    f"--workdir={workdir}",
+    "-n",
+    "3",
+    f"--python={python}",
+    "--quiet",
+    "--",
+    "--config.seed=1",
+    env={**env, "FAKE_MODE": "ok"},
+  )
   assert result.returncode == 0, result.stderr
   for i, log in enumerate(_logs(workdir, 3)):
     assert f"--num_processes=3 --process_id={i} --config.seed=1" in log
@@ -563,8 +640,16 @@ def test_local_runs_all_processes_and_writes_their_logs(fake_python):
 
 def test_local_failure_stops_the_others_and_exits_nonzero(fake_python):
   env, python, workdir = fake_python
-  result = _run(LOCAL, f"--workdir={workdir}", "-n", "3", f"--python={python}", "--port=4567", "--quiet",
-                env={**env, "FAKE_MODE": "fail1"})
+  result = _run(
+    LOCAL,
+    f"--workdir={workdir}",
+    "-n",
+    "3",
+    f"--python={python}",
+    "--port=4567",
+    "--quiet",
+    env={**env, "FAKE_MODE": "fail1"},
+  )
   assert result.returncode != 0
   assert "process 1 exited with status 7" in result.stderr
   logs = _logs(workdir, 3)
@@ -573,8 +658,16 @@ def test_local_failure_stops_the_others_and_exits_nonzero(fake_python):
 
 def test_local_forwards_sigterm_to_every_process(fake_python):
   env, python, workdir = fake_python
-  process = _start(LOCAL, f"--workdir={workdir}", "-n", "2", f"--python={python}", "--port=4567", "--quiet",
-                   env={**env, "FAKE_MODE": "wait"})
+  process = _start(
+    LOCAL,
+    f"--workdir={workdir}",
+    "-n",
+    "2",
+    f"--python={python}",
+    "--port=4567",
+    "--quiet",
+    env={**env, "FAKE_MODE": "wait"},
+  )
   for i in range(2):
     _wait_for(workdir / "logs" / f"process_{i}.log", "JAX_PLATFORMS")  # printed once its TERM trap is set
   process.send_signal(signal.SIGTERM)

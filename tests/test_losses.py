@@ -22,8 +22,10 @@ def test_weighted_cross_entropy_matches_a_hand_computation():
   mask = jnp.array([True, True, True, False])
   weights = jnp.array([0.5, 2.0])
   loss, per_example, example_weight = losses.weighted_cross_entropy(logits, labels, weights, mask)
-  ce = -np.log(np.exp(np.take_along_axis(np.asarray(logits), np.asarray(labels)[:, None], 1)[:, 0])
-               / np.exp(np.asarray(logits)).sum(1))
+  ce = -np.log(
+    np.exp(np.take_along_axis(np.asarray(logits), np.asarray(labels)[:, None], 1)[:, 0])
+    / np.exp(np.asarray(logits)).sum(1)
+  )
   np.testing.assert_allclose(per_example, ce, rtol=1e-5)
   np.testing.assert_allclose(example_weight, [0.5, 2.0, 2.0, 0.0])
   np.testing.assert_allclose(loss, (0.5 * ce[0] + 2 * ce[1] + 2 * ce[2]) / 4.5, rtol=1e-5)

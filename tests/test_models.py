@@ -11,7 +11,8 @@ from flax_detector.models import VGG16, adaptive_avg_pool, max_pool_2x2, view_av
 
 def _param_count(model: VGG16, side: int = 224) -> int:
   variables = jax.eval_shape(
-      lambda: model.init({"params": jax.random.PRNGKey(0)}, jnp.zeros((1, side, side, 3), jnp.uint8), train=False))
+    lambda: model.init({"params": jax.random.PRNGKey(0)}, jnp.zeros((1, side, side, 3), jnp.uint8), train=False)
+  )
   return sum(leaf.size for leaf in jax.tree.leaves(variables["params"]))
 
 
@@ -25,8 +26,11 @@ def test_parameter_count_does_not_depend_on_input_size():
 
 
 def test_width_multiplier_scales_convs_and_classifier():
-  variables = jax.eval_shape(lambda: VGG16(num_classes=3, width_multiplier=0.25).init(
-      {"params": jax.random.PRNGKey(0)}, jnp.zeros((1, 64, 64, 3), jnp.uint8), train=False))
+  variables = jax.eval_shape(
+    lambda: VGG16(num_classes=3, width_multiplier=0.25).init(
+      {"params": jax.random.PRNGKey(0)}, jnp.zeros((1, 64, 64, 3), jnp.uint8), train=False
+    )
+  )
   params = variables["params"]
   assert params["Conv_0"]["kernel"].shape == (3, 3, 3, 16)
   assert params["Conv_12"]["kernel"].shape == (3, 3, 128, 128)
@@ -39,8 +43,9 @@ def test_forward_gives_float32_logits_with_bfloat16_compute():
   images = jnp.zeros((2, 32, 32, 3), jnp.uint8)
   variables = model.init({"params": jax.random.PRNGKey(0)}, images, train=False)
   assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(variables["params"]))
-  logits, _ = model.apply(variables, images, train=True, rngs={"dropout": jax.random.PRNGKey(1)},
-                          mutable=["batch_stats"])
+  logits, _ = model.apply(
+    variables, images, train=True, rngs={"dropout": jax.random.PRNGKey(1)}, mutable=["batch_stats"]
+  )
   assert logits.shape == (2, 2) and logits.dtype == jnp.float32
 
 
@@ -82,5 +87,9 @@ def test_cpu_max_pool_matches_flax_max_pool_and_its_gradient(side):
 
   flax_pool = functools.partial(nn.max_pool, window_shape=(2, 2), strides=(2, 2))
   np.testing.assert_array_equal(max_pool_2x2(jax.nn.relu(x)), flax_pool(jax.nn.relu(x)))
-  np.testing.assert_allclose(jax.grad(functools.partial(pooled_dot, max_pool_2x2))(x),
-                             jax.grad(functools.partial(pooled_dot, flax_pool))(x), rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(
+    jax.grad(functools.partial(pooled_dot, max_pool_2x2))(x),
+    jax.grad(functools.partial(pooled_dot, flax_pool))(x),
+    rtol=1e-6,
+    atol=1e-7,
+  )

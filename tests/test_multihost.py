@@ -13,7 +13,6 @@ import time
 
 import numpy as np
 import pytest
-
 from local_jobs import config_flags, read_scalars, run_job, series, start_job, wait_job
 
 FLAGS = config_flags(num_epochs=7, log_every_steps=1)  # 63 steps of a 16-image global batch

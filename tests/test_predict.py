@@ -4,16 +4,17 @@ import json
 import subprocess
 import sys
 
-from PIL import Image
 import pytest
+from PIL import Image
 
 from flax_detector import predict
 from flax_detector.data.synthetic import SyntheticSource
 
 
 def _run_predict(*args):
-  return subprocess.run([sys.executable, "-m", "flax_detector.predict", *args], capture_output=True, text=True,
-                        timeout=300, check=False)
+  return subprocess.run(
+    [sys.executable, "-m", "flax_detector.predict", *args], capture_output=True, text=True, timeout=300, check=False
+  )
 
 
 def test_predict_writes_a_row_per_readable_image_and_warns_about_the_rest(trained_workdir, tmp_path):
@@ -53,11 +54,14 @@ def test_predict_writes_a_row_per_readable_image_and_warns_about_the_rest(traine
 def test_threshold_override_and_unsure_band(trained_workdir, tmp_path):
   image = tmp_path / "one.png"
   Image.fromarray(SyntheticSource("test", 1, 32, 48)[0][0]).save(image)
-  p_ai = float(list(csv.DictReader(io.StringIO(_run_predict(f"--workdir={trained_workdir}", str(image)).stdout)))[0]["p_ai"])
+  p_ai = float(
+    list(csv.DictReader(io.StringIO(_run_predict(f"--workdir={trained_workdir}", str(image)).stdout)))[0]["p_ai"]
+  )
   below = _run_predict(f"--workdir={trained_workdir}", f"--threshold={min(1.0, p_ai + 0.01)}", str(image))
   above = _run_predict(f"--workdir={trained_workdir}", f"--threshold={max(0.0, p_ai - 0.01)}", str(image))
-  unsure = _run_predict(f"--workdir={trained_workdir}", f"--unsure={max(0.0, p_ai - 0.01)},{min(1.0, p_ai + 0.01)}",
-                        str(image))
+  unsure = _run_predict(
+    f"--workdir={trained_workdir}", f"--unsure={max(0.0, p_ai - 0.01)},{min(1.0, p_ai + 0.01)}", str(image)
+  )
   assert below.stdout.splitlines()[1].endswith(",human-art")
   assert above.stdout.splitlines()[1].endswith(",ai-generated")
   assert unsure.stdout.splitlines()[1].endswith(",unsure")

@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 import numpy as np
-from PIL import Image
 import pytest
+from PIL import Image
 
 from flax_detector import input_pipeline, prepare
 from flax_detector.data.array_record import ArrayRecordImageSource, decode_record, encode_record, is_prepared
@@ -67,7 +67,10 @@ def test_prepared_copy_matches_the_folder_and_skips_unreadable_files(tmp_path, c
   assert json.loads((dst / "prepared.json").read_text()) == manifest
   assert is_prepared(str(dst)) and not is_prepared(str(src))
   assert sorted(p.name for p in (dst / "train").iterdir()) == [
-      "index.json", "train-00000-of-00002.array_record", "train-00001-of-00002.array_record"]
+    "index.json",
+    "train-00000-of-00002.array_record",
+    "train-00001-of-00002.array_record",
+  ]
   assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
 
   for split in ("train", "test"):
@@ -92,9 +95,21 @@ def test_prepared_copy_matches_the_folder_and_skips_unreadable_files(tmp_path, c
 def test_command_line_honours_num_shards_and_refuses_to_overwrite(tmp_path):
   src = _make_folder(tmp_path / "src", {"train": 4, "test": 3}, with_corrupt=True)
   dst = tmp_path / "out"
-  result = subprocess.run([sys.executable, "-m", "flax_detector.prepare", f"--data_dir={src}", f"--out={dst}",
-                           "--num_shards=3", "--class_names=human-art,ai-generated"],
-                          capture_output=True, text=True, timeout=120, check=False)
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "flax_detector.prepare",
+      f"--data_dir={src}",
+      f"--out={dst}",
+      "--num_shards=3",
+      "--class_names=human-art,ai-generated",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
   assert result.returncode == 0, result.stderr
   assert "corrupt.png" in result.stderr
   manifest = json.loads((dst / "prepared.json").read_text())
@@ -197,9 +212,11 @@ def test_a_remote_destination_is_staged_locally_and_gets_prepared_json_last(tmp_
   monkeypatch.setattr(prepare.tempfile, "tempdir", str(staging))
   copied = []
   original_copy = type(prepare.epath.Path(tmp_path)).copy
-  monkeypatch.setattr(type(prepare.epath.Path(tmp_path)), "copy",
-                      lambda self, target, overwrite=False: copied.append(self.name) or original_copy(
-                          self, target, overwrite=overwrite))
+  monkeypatch.setattr(
+    type(prepare.epath.Path(tmp_path)),
+    "copy",
+    lambda self, target, overwrite=False: copied.append(self.name) or original_copy(self, target, overwrite=overwrite),
+  )
   prepare.prepare(str(src), str(dst), CLASSES, num_shards=2)
   assert copied[-1] == "prepared.json" and len(copied) == 7  # 2 x (2 shards + index.json), then prepared.json
   assert list(staging.iterdir()) == []

@@ -16,7 +16,12 @@ def test_crop_keeps_native_pixels_and_pads_small_images():
   crop = preprocess.train_transform(image, 32, "crop", NO_AUGMENT, np.random.default_rng(0))
   assert crop.shape == (32, 32, 3)
   # The crop is a window of the original, not a resampled view.
-  windows = [(t, l) for t in range(9) for l in range(19) if np.array_equal(image[t:t + 32, l:l + 32], crop)]
+  windows = [
+    (top, left)
+    for top in range(9)
+    for left in range(19)
+    if np.array_equal(image[top : top + 32, left : left + 32], crop)
+  ]
   assert len(windows) == 1
   small = preprocess.eval_transform(_image(20, 40), 32, "crop")
   assert small.shape == (1, 32, 32, 3) and not small[0, 20:].any()
@@ -54,9 +59,11 @@ def test_augmentations_change_pixels_when_enabled():
   image = _image(32, 32)
   plain = preprocess.train_transform(image, 32, "crop", NO_AUGMENT, np.random.default_rng(0))
   np.testing.assert_array_equal(plain, image)
-  flipped = preprocess.train_transform(image, 32, "crop", AugmentOptions(1.0, 0.0, (90, 90), 0.0, (1.0, 1.0)),
-                                       np.random.default_rng(0))
+  flipped = preprocess.train_transform(
+    image, 32, "crop", AugmentOptions(1.0, 0.0, (90, 90), 0.0, (1.0, 1.0)), np.random.default_rng(0)
+  )
   np.testing.assert_array_equal(flipped, image[:, ::-1])
-  degraded = preprocess.train_transform(image, 32, "crop", AugmentOptions(0.0, 1.0, (50, 50), 1.0, (1.0, 1.0)),
-                                        np.random.default_rng(0))
+  degraded = preprocess.train_transform(
+    image, 32, "crop", AugmentOptions(0.0, 1.0, (50, 50), 1.0, (1.0, 1.0)), np.random.default_rng(0)
+  )
   assert np.abs(degraded.astype(int) - image).mean() > 10

@@ -1,9 +1,8 @@
 import numpy as np
-from PIL import Image
 import pytest
+from PIL import Image
 
-from flax_detector import binary_metrics
-from flax_detector import report_figures
+from flax_detector import binary_metrics, report_figures
 
 CLASSES = ("human", "ai-generated")
 
@@ -43,25 +42,47 @@ def _draw(name: str, path) -> None:
   elif name == "histogram":
     report_figures.score_histogram_figure(p, y, CLASSES, 0.42, path)
   elif name == "reliability":
-    report_figures.reliability_figure(bins, binary_metrics.reliability_bins(calibrated, y), path, summary["ece"],
-                                      binary_metrics.expected_calibration_error(calibrated, y))
+    report_figures.reliability_figure(
+      bins,
+      binary_metrics.reliability_bins(calibrated, y),
+      path,
+      summary["ece"],
+      binary_metrics.expected_calibration_error(calibrated, y),
+    )
   elif name == "reliability_before_only":
     report_figures.reliability_figure(bins, None, path, summary["ece"], None)
   elif name == "robustness":
-    rows = [{"name": "clean", "accuracy": 0.93, "roc_auc": 0.97},
-            {"name": "jpeg_q50", "accuracy": 0.71, "roc_auc": 0.8},
-            {"name": "downscale_0.25", "accuracy": 0.5, "roc_auc": None}]
+    rows = [
+      {"name": "clean", "accuracy": 0.93, "roc_auc": 0.97},
+      {"name": "jpeg_q50", "accuracy": 0.71, "roc_auc": 0.8},
+      {"name": "downscale_0.25", "accuracy": 0.5, "roc_auc": None},
+    ]
     report_figures.robustness_figure(rows, path)
   elif name == "mistakes":
-    items = [(_thumbnail(i), 0.97 - 0.1 * i, CLASSES[i % 2], f"folder/very_long_file_name_number_{i}.png")
-             for i in range(5)]
+    items = [
+      (_thumbnail(i), 0.97 - 0.1 * i, CLASSES[i % 2], f"folder/very_long_file_name_number_{i}.png") for i in range(5)
+    ]
     report_figures.mistakes_figure(items, path)
   elif name == "no_mistakes":
     report_figures.mistakes_figure([], path)
 
 
-@pytest.mark.parametrize("name", ["confusion", "roc", "roc_one_class", "pr", "pr_one_class", "histogram", "reliability",
-                                  "reliability_before_only", "robustness", "mistakes", "no_mistakes"])
+@pytest.mark.parametrize(
+  "name",
+  [
+    "confusion",
+    "roc",
+    "roc_one_class",
+    "pr",
+    "pr_one_class",
+    "histogram",
+    "reliability",
+    "reliability_before_only",
+    "robustness",
+    "mistakes",
+    "no_mistakes",
+  ],
+)
 def test_figure_is_a_readable_png(name, tmp_path):
   path = tmp_path / f"{name}.png"
   _draw(name, path)

@@ -5,8 +5,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from flax_detector import binary_metrics
-from flax_detector import report_html
+from flax_detector import binary_metrics, report_html
 
 
 class _Page(html.parser.HTMLParser):
@@ -34,10 +33,16 @@ def _report() -> dict:
   y = np.array([0, 0, 1, 1, 1, 0], bool)
   report = binary_metrics.summarize(p, y, 0.5)
   report.update(ece_calibrated=0.0123, temperature=1.7, checkpoint_step=1200, class_names=["human", "ai-generated"])
-  report["robustness"] = [{"name": "clean", "accuracy": 0.8333, "roc_auc": 0.8889},
-                          {"name": "jpeg_q50", "accuracy": 0.5, "roc_auc": None}]
-  report["audit"] = {"finding": "PNG <only> in class ai-generated & more", "metadata_accuracy": 0.91,
-                     "chance_accuracy": 0.5, "shortcut": True}
+  report["robustness"] = [
+    {"name": "clean", "accuracy": 0.8333, "roc_auc": 0.8889},
+    {"name": "jpeg_q50", "accuracy": 0.5, "roc_auc": None},
+  ]
+  report["audit"] = {
+    "finding": "PNG <only> in class ai-generated & more",
+    "metadata_accuracy": 0.91,
+    "chance_accuracy": 0.5,
+    "shortcut": True,
+  }
   report["metadata_overlap"] = {"num_examples": 0, "note": "no overlap"}
   return report
 
@@ -62,9 +67,21 @@ def test_page_is_self_contained_and_complete(tmp_path):
     assert base64.b64decode(src.split(",", 1)[1]) == (tmp_path / name).read_bytes()
     Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).verify()
   text = " ".join(page.text)
-  for expected in ("Accuracy", "0.8333", "Balanced accuracy", "ROC AUC", "0.0123", "1200", "true: ai-generated",
-                   "predicted: human", "jpeg_q50", "n/a", "0.9100", "no overlap",
-                   "PNG <only> in class ai-generated & more"):
+  for expected in (
+    "Accuracy",
+    "0.8333",
+    "Balanced accuracy",
+    "ROC AUC",
+    "0.0123",
+    "1200",
+    "true: ai-generated",
+    "predicted: human",
+    "jpeg_q50",
+    "n/a",
+    "0.9100",
+    "no overlap",
+    "PNG <only> in class ai-generated & more",
+  ):
     assert expected in text, expected
   assert "<only>" not in source  # escaped, not markup
 

@@ -17,8 +17,15 @@ def _change(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_names_and_order():
-  assert list(robustness.PERTURBATIONS) == ["jpeg_q90", "jpeg_q75", "jpeg_q50", "downscale_0.5", "downscale_0.25",
-                                            "blur_sigma1", "png_to_jpeg_q95"]
+  assert list(robustness.PERTURBATIONS) == [
+    "jpeg_q90",
+    "jpeg_q75",
+    "jpeg_q50",
+    "downscale_0.5",
+    "downscale_0.25",
+    "blur_sigma1",
+    "png_to_jpeg_q95",
+  ]
 
 
 @pytest.mark.parametrize("name", list(robustness.PERTURBATIONS))

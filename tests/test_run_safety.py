@@ -14,10 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from local_jobs import REPO, config_flags
 
 from flax_detector import checkpoint, errors, run_lock, train
 from flax_detector.models import create_model
-from local_jobs import REPO, config_flags
 
 NEWEST, OLDER = 18, 9  # the tiny trained_workdir saves once per epoch of 9 steps
 
@@ -138,14 +138,30 @@ def test_the_lock_names_its_holder(tmp_path):
 
 def _main(workdir, *flags, **popen_args) -> subprocess.Popen:
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  return subprocess.Popen([sys.executable, "-m", "flax_detector.main", f"--workdir={workdir}", *flags], cwd=REPO,
-                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen_args)
+  return subprocess.Popen(
+    [sys.executable, "-m", "flax_detector.main", f"--workdir={workdir}", *flags],
+    cwd=REPO,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    **popen_args,
+  )
 
 
 def test_a_second_run_on_a_busy_workdir_exits_at_once_naming_the_first(tmp_path):
-  holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom flax_detector import run_lock\n"
-                             "with run_lock.hold(sys.argv[1]):\n  print('held', flush=True)\n  time.sleep(600)",
-                             str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+  holder = subprocess.Popen(
+    [
+      sys.executable,
+      "-c",
+      "import sys, time\nfrom flax_detector import run_lock\n"
+      "with run_lock.hold(sys.argv[1]):\n  print('held', flush=True)\n  time.sleep(600)",
+      str(tmp_path),
+    ],
+    cwd=REPO,
+    stdout=subprocess.PIPE,
+    text=True,
+  )
   try:
     assert holder.stdout.readline().strip() == "held"
     second = _main(tmp_path, "--config=configs/vgg16.py:cpu")
@@ -159,11 +175,16 @@ def test_a_second_run_on_a_busy_workdir_exits_at_once_naming_the_first(tmp_path)
     pass
 
 
-@pytest.mark.parametrize("flag, named", [
-    ("--config.data.wrker_count=1", "--config.data.wrker_count: the config has no field 'data.wrker_count'; "
-                                    "did you mean --config.data.worker_count?"),
+@pytest.mark.parametrize(
+  "flag, named",
+  [
+    (
+      "--config.data.wrker_count=1",
+      "--config.data.wrker_count: the config has no field 'data.wrker_count'; did you mean --config.data.worker_count?",
+    ),
     ("--config.image_size=8", "image_size=8: VGG16 needs at least 32"),
-])
+  ],
+)
 def test_user_errors_are_one_message_and_exit_code_2(tmp_path, flag, named):
   run = _main(tmp_path, "--config=configs/vgg16.py:cpu", flag)
   output, _ = run.communicate(timeout=180)

@@ -3,10 +3,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from local_jobs import series
 
 from flax_detector import sharding, train
 from flax_detector.models import VGG16
-from local_jobs import series
 
 
 def _vgg16_state_bytes(strategy: str) -> tuple[int, int]:

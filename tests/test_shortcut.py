@@ -11,9 +11,9 @@ import json
 import pathlib
 
 import pytest
+import shortcut_data
 
 from configs.vgg16 import get_config
-import shortcut_data
 
 
 @pytest.fixture(scope="module")

@@ -28,8 +28,11 @@ def _features(source, indices):
     # Energy of the (-1)^(x+y) and (-1)^x, (-1)^y components: where a stride-2 upsampler leaves its trace.
     gray = image.mean(-1)
     h, w = gray.shape
-    signs = [np.outer((-1) ** np.arange(h), (-1) ** np.arange(w)), np.outer(np.ones(h), (-1) ** np.arange(w)),
-             np.outer((-1) ** np.arange(h), np.ones(w))]
+    signs = [
+      np.outer((-1) ** np.arange(h), (-1) ** np.arange(w)),
+      np.outer(np.ones(h), (-1) ** np.arange(w)),
+      np.outer((-1) ** np.arange(h), np.ones(w)),
+    ]
     period_two.append([abs((gray * s).mean()) for s in signs])
   return np.asarray(colour_and_size), np.asarray(period_two)
 

@@ -8,14 +8,22 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from local_jobs import read_scalars
 
 from flax_detector import input_pipeline, train
 from flax_detector.checkpoint import restore_model_variables
 from flax_detector.models import create_model
-from local_jobs import read_scalars
 
-FIXED_SCALARS = ("train_loss", "train_accuracy", "learning_rate", "eval_loss", "eval_accuracy", "eval_precision",
-                 "eval_recall", "eval_f1")
+FIXED_SCALARS = (
+  "train_loss",
+  "train_accuracy",
+  "learning_rate",
+  "eval_loss",
+  "eval_accuracy",
+  "eval_precision",
+  "eval_recall",
+  "eval_f1",
+)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -76,8 +84,9 @@ def test_resumed_run_matches_an_uninterrupted_one_bitwise(trained_workdir, make_
 
 def _assert_same_final_variables(workdir_a, workdir_b, config):
   model = create_model(config.model, 2)
-  abstract = jax.eval_shape(lambda: model.init({"params": jax.random.PRNGKey(0)},
-                                               jnp.zeros((1, 32, 32, 3), jnp.uint8), train=False))
+  abstract = jax.eval_shape(
+    lambda: model.init({"params": jax.random.PRNGKey(0)}, jnp.zeros((1, 32, 32, 3), jnp.uint8), train=False)
+  )
   abstract = {"params": abstract["params"], "batch_stats": abstract["batch_stats"]}
   variables_a, _ = restore_model_variables(workdir_a / "checkpoints", abstract)
   variables_b, _ = restore_model_variables(workdir_b / "checkpoints", abstract)

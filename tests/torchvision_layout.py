@@ -17,8 +17,9 @@ def conv_widths(width_multiplier: float) -> list[int | str]:
   return [value if value == "M" else scaled_width(value, width_multiplier) for value in VGG16_CFG]
 
 
-def random_state_dict(batch_norm: bool, width_multiplier: float, num_classes: int,
-                      seed: int = 0) -> dict[str, np.ndarray]:
+def random_state_dict(
+  batch_norm: bool, width_multiplier: float, num_classes: int, seed: int = 0
+) -> dict[str, np.ndarray]:
   """Weights scaled so activations stay of order one (softmax not saturated); BN statistics far from 0/1."""
   rng = np.random.default_rng(seed)
   state, index, inputs = {}, 0, 3
@@ -41,8 +42,13 @@ def random_state_dict(batch_norm: bool, width_multiplier: float, num_classes: in
     state[f"classifier.{index}.bias"] = rng.normal(0, 0.1, outputs)
   state = {name: value.astype(np.float32) for name, value in state.items()}
   if batch_norm:  # torch saves this counter with every BatchNorm; the importer ignores it
-    state.update({name.replace("running_mean", "num_batches_tracked"): np.array(3, np.int64)
-                  for name in list(state) if name.endswith("running_mean")})
+    state.update(
+      {
+        name.replace("running_mean", "num_batches_tracked"): np.array(3, np.int64)
+        for name in list(state)
+        if name.endswith("running_mean")
+      }
+    )
   return state
 
 

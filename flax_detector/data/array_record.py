@@ -19,15 +19,15 @@ Record format, version 1 (one ArrayRecord record per image, no dependency beyond
   bytes [8 + H, end)  the original encoded file, byte for byte
 """
 
-from collections.abc import Sequence
 import json
 import struct
+from collections.abc import Sequence
 from typing import Any
 
-from absl import logging
-from etils import epath
 import grain
 import numpy as np
+from absl import logging
+from etils import epath
 
 from flax_detector.data.decode import decode_image
 
@@ -37,8 +37,10 @@ INDEX_NAME = "index.json"
 SHARD_SUFFIX = ".array_record"
 RECORD_MAGIC = b"FDR1"
 _LENGTH = struct.Struct("<I")
-RECORD_FORMAT = ('b"FDR1" + uint32 little-endian header length H + H bytes of UTF-8 JSON {"key", "label"} '
-                 '+ the original encoded file bytes')
+RECORD_FORMAT = (
+  'b"FDR1" + uint32 little-endian header length H + H bytes of UTF-8 JSON {"key", "label"} '
+  "+ the original encoded file bytes"
+)
 
 
 def encode_record(key: str, label: int, data: bytes) -> bytes:
@@ -51,11 +53,13 @@ def encode_record(key: str, label: int, data: bytes) -> bytes:
 def decode_record(record: bytes) -> tuple[str, int, bytes]:
   """Unpacks a record into (key, label, original file bytes); raises ValueError on a foreign record."""
   if record[:4] != RECORD_MAGIC or len(record) < 8:
-    raise ValueError(f"not a flax_detector image record (starts with {record[:8]!r}); the shard was not written "
-                     f"by this version of flax_detector.prepare")
+    raise ValueError(
+      f"not a flax_detector image record (starts with {record[:8]!r}); the shard was not written "
+      f"by this version of flax_detector.prepare"
+    )
   (header_length,) = _LENGTH.unpack_from(record, 4)
-  header = json.loads(record[8:8 + header_length].decode("utf-8"))
-  return header["key"], int(header["label"]), record[8 + header_length:]
+  header = json.loads(record[8 : 8 + header_length].decode("utf-8"))
+  return header["key"], int(header["label"]), record[8 + header_length :]
 
 
 def shard_name(split: str, index: int, count: int) -> str:
@@ -71,21 +75,27 @@ def read_manifest(data_dir: str, class_names: Sequence[str]) -> dict[str, Any]:
   """Loads prepared.json and checks it fits this code and this config, so a mismatch fails at start-up."""
   path = epath.Path(data_dir) / MANIFEST_NAME
   if not path.exists():
-    raise FileNotFoundError(f"{path}: missing, so data.dir={data_dir} is not a complete prepared folder; "
-                            f"(re-)run python -m flax_detector.prepare --data_dir=SRC --out={data_dir}")
+    raise FileNotFoundError(
+      f"{path}: missing, so data.dir={data_dir} is not a complete prepared folder; "
+      f"(re-)run python -m flax_detector.prepare --data_dir=SRC --out={data_dir}"
+    )
   try:
     manifest = json.loads(path.read_text())
   except json.JSONDecodeError as error:
     raise ValueError(f"{path}: not valid JSON ({error}); re-run flax_detector.prepare with --overwrite") from error
   version = manifest.get("version")
   if version != FORMAT_VERSION:
-    raise ValueError(f"{path}: format version {version!r}, but this code reads version {FORMAT_VERSION}; "
-                     f"re-run flax_detector.prepare with --overwrite")
+    raise ValueError(
+      f"{path}: format version {version!r}, but this code reads version {FORMAT_VERSION}; "
+      f"re-run flax_detector.prepare with --overwrite"
+    )
   prepared_classes = list(manifest.get("class_names", []))
   if prepared_classes != list(class_names):
-    raise ValueError(f"{path}: prepared with class_names={prepared_classes}, but data.class_names="
-                     f"{list(class_names)}; set --config.data.class_names={','.join(prepared_classes)} or re-run "
-                     f"flax_detector.prepare with --class_names={','.join(class_names)} --overwrite")
+    raise ValueError(
+      f"{path}: prepared with class_names={prepared_classes}, but data.class_names="
+      f"{list(class_names)}; set --config.data.class_names={','.join(prepared_classes)} or re-run "
+      f"flax_detector.prepare with --class_names={','.join(class_names)} --overwrite"
+    )
   return manifest
 
 
@@ -101,8 +111,10 @@ class ArrayRecordImageSource:
     manifest = read_manifest(data_dir, class_names)
     splits = manifest.get("splits", {})
     if split not in splits:
-      raise ValueError(f"{root / MANIFEST_NAME}: no split {split!r} (has {sorted(splits)}); re-run "
-                       f"flax_detector.prepare with --overwrite on a source holding {split}/")
+      raise ValueError(
+        f"{root / MANIFEST_NAME}: no split {split!r} (has {sorted(splits)}); re-run "
+        f"flax_detector.prepare with --overwrite on a source holding {split}/"
+      )
     entry = splits[split]
     index = json.loads((root / entry["index"]).read_text())
     self.keys: list[str] = list(index["keys"])
@@ -112,11 +124,14 @@ class ArrayRecordImageSource:
     self._split = split
     self._records = grain.sources.ArrayRecordDataSource([str(root / name) for name in entry["shards"]])
     if not len(self._records) == len(self.keys) == len(self.labels) == entry["num_records"]:
-      raise ValueError(f"{root / split}: shards hold {len(self._records)} records, {root / entry['index']} "
-                       f"{len(self.keys)} keys and {len(self.labels)} labels, prepared.json says "
-                       f"{entry['num_records']}; the folder is damaged: re-run flax_detector.prepare --overwrite")
-    logging.info("%s: %d prepared records in %d shards (prepared.json found)", root / split, len(self.keys),
-                 len(entry["shards"]))
+      raise ValueError(
+        f"{root / split}: shards hold {len(self._records)} records, {root / entry['index']} "
+        f"{len(self.keys)} keys and {len(self.labels)} labels, prepared.json says "
+        f"{entry['num_records']}; the folder is damaged: re-run flax_detector.prepare --overwrite"
+      )
+    logging.info(
+      "%s: %d prepared records in %d shards (prepared.json found)", root / split, len(self.keys), len(entry["shards"])
+    )
 
   def __len__(self) -> int:
     return len(self.keys)
@@ -124,6 +139,8 @@ class ArrayRecordImageSource:
   def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
     key, label, data = decode_record(self._records[index])
     if key != self.keys[index]:
-      raise ValueError(f"{self._split} record {index} holds {key}, but the index says {self.keys[index]}: the "
-                       f"shards and index.json come from different runs; re-run flax_detector.prepare --overwrite")
+      raise ValueError(
+        f"{self._split} record {index} holds {key}, but the index says {self.keys[index]}: the "
+        f"shards and index.json come from different runs; re-run flax_detector.prepare --overwrite"
+      )
     return decode_image(data, key), label

@@ -1,12 +1,12 @@
 """Image bytes to RGB uint8 arrays, for every mode Pillow opens, with EXIF orientation applied."""
 
-from collections.abc import Callable
 import io
+from collections.abc import Callable
 from typing import TypeVar
 
+import numpy as np
 from absl import logging
 from etils import epath
-import numpy as np
 from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"})

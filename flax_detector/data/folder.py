@@ -7,13 +7,13 @@ encoding work, and every file is probed before training (see probe.py), so unrea
 oversized files are left out of the splits, the counts and the weights instead of surfacing hours in.
 """
 
-from collections.abc import Sequence
 import dataclasses
 import os
+from collections.abc import Sequence
 
+import numpy as np
 from absl import logging
 from etils import epath
-import numpy as np
 
 from flax_detector import workdir
 from flax_detector.data.decode import IMAGE_EXTENSIONS, read_image
@@ -62,8 +62,10 @@ def _walk_local(root: str) -> Listing:
     stat = os.stat(folder)
     identity = (stat.st_dev, stat.st_ino)
     if identity in visited:
-      notes.append(f"{printable(folder)}: leads back to {printable(visited[identity])} (a symlink loop or a second "
-                   "link to a folder); not followed again")
+      notes.append(
+        f"{printable(folder)}: leads back to {printable(visited[identity])} (a symlink loop or a second "
+        "link to a folder); not followed again"
+      )
       continue
     visited[identity] = folder
     with os.scandir(folder) as scan:
@@ -138,28 +140,34 @@ class ImageFolderSource:
     root = epath.Path(data_dir)
     split_dir = root / split
     if not root.is_dir():
-      raise FileNotFoundError(f"data.dir={data_dir}: no such folder; point --config.data.dir at a folder "
-                              f"holding train/ and test/, or leave it empty for the built-in synthetic set")
+      raise FileNotFoundError(
+        f"data.dir={data_dir}: no such folder; point --config.data.dir at a folder "
+        f"holding train/ and test/, or leave it empty for the built-in synthetic set"
+      )
     if not split_dir.is_dir():
-      raise FileNotFoundError(f"{split_dir}: missing; data.dir must hold {split}/<class>/... with classes "
-                              f"{list(class_names)}")
+      raise FileNotFoundError(
+        f"{split_dir}: missing; data.dir must hold {split}/<class>/... with classes {list(class_names)}"
+      )
     present = sorted(child.name for child in split_dir.iterdir() if child.is_dir() and not _is_hidden(child.name))
     unknown = sorted(set(present) - set(class_names))
     if unknown:
-      logging.warning("%s: ignoring folders %s that are not in data.class_names=%s", split_dir, unknown,
-                      list(class_names))
+      logging.warning(
+        "%s: ignoring folders %s that are not in data.class_names=%s", split_dir, unknown, list(class_names)
+      )
     listed: list[tuple[str, int]] = []
     for label, name in enumerate(class_names):
       class_dir = split_dir / name
       if not class_dir.is_dir():
-        raise FileNotFoundError(f"{class_dir}: missing class folder; found {present}. Rename the folders or "
-                                f"set --config.data.class_names")
+        raise FileNotFoundError(
+          f"{class_dir}: missing class folder; found {present}. Rename the folders or set --config.data.class_names"
+        )
       images = list_images(class_dir)
       if not images:
         raise ValueError(f"{class_dir}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}, any letter case)")
       listed.extend((path, label) for path in images)
-    infos = probe_files([path for path, _ in listed], options.max_image_pixels,
-                        options.cache_path, update_cache=options.update_cache)
+    infos = probe_files(
+      [path for path, _ in listed], options.max_image_pixels, options.cache_path, update_cache=options.update_cache
+    )
     self.skipped: list[ImageInfo] = [info for info in infos if not info.ok]
     _report_bad_files(split_dir, self.skipped, len(infos), options.on_bad_file)
     kept = [(info, label) for info, (_, label) in zip(infos, listed) if info.ok]
@@ -172,8 +180,10 @@ class ImageFolderSource:
     self.sizes = np.asarray([(info.height, info.width) for info in self.infos], np.int64).reshape(-1, 2)
     for label, name in enumerate(class_names):
       if not np.any(self.labels == label):
-        raise ValueError(f"{split_dir / name}: no readable images; all its files were left out (see the warning "
-                         "above); fix or replace them")
+        raise ValueError(
+          f"{split_dir / name}: no readable images; all its files were left out (see the warning "
+          "above); fix or replace them"
+        )
 
   def key_of(self, path: str) -> str:
     """A file's name relative to data.dir."""
@@ -193,7 +203,15 @@ def _report_bad_files(split_dir: epath.Path, bad: Sequence[ImageInfo], total: in
     return
   example = f"{printable(bad[0].path)}: {bad[0].error}"
   if policy == "error":
-    raise ValueError(f"{split_dir}: {len(bad)} of {total} files cannot be used, e.g. {example}. Fix or remove them, "
-                     "or set --config.data.on_bad_file=skip to leave them out")
-  logging.warning("%s: %d of %d files left out (unreadable, truncated or too large), e.g. %s; the run's "
-                  "skipped_files.txt lists them all", split_dir, len(bad), total, example)
+    raise ValueError(
+      f"{split_dir}: {len(bad)} of {total} files cannot be used, e.g. {example}. Fix or remove them, "
+      "or set --config.data.on_bad_file=skip to leave them out"
+    )
+  logging.warning(
+    "%s: %d of %d files left out (unreadable, truncated or too large), e.g. %s; the run's "
+    "skipped_files.txt lists them all",
+    split_dir,
+    len(bad),
+    total,
+    example,
+  )

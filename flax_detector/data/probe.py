@@ -7,18 +7,18 @@ format, colour mode and the JPEG quality its quantisation tables imply. Results 
 size and mtime, so resuming a run on a 22k-image folder re-reads nothing.
 """
 
-from collections.abc import Sequence
-from concurrent import futures
 import dataclasses
 import io
 import json
 import os
-from typing import Any
 import warnings
+from collections.abc import Sequence
+from concurrent import futures
+from typing import Any
 
+import numpy as np
 from absl import logging
 from etils import epath
-import numpy as np
 from PIL import Image
 
 from flax_detector import workdir
@@ -30,10 +30,75 @@ _CACHE_VERSION = 1
 _ORIENTATION_TAG = 0x0112
 _TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 # Table K.1 of the JPEG standard: the luminance quantisation table that libjpeg scales by quality.
-_STANDARD_LUMINANCE_TABLE = np.array([
-    16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
-    14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
-    49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99], np.float64)
+_STANDARD_LUMINANCE_TABLE = np.array(
+  [
+    16,
+    11,
+    10,
+    16,
+    24,
+    40,
+    51,
+    61,
+    12,
+    12,
+    14,
+    19,
+    26,
+    58,
+    60,
+    55,
+    14,
+    13,
+    16,
+    24,
+    40,
+    57,
+    69,
+    56,
+    14,
+    17,
+    22,
+    29,
+    51,
+    87,
+    80,
+    62,
+    18,
+    22,
+    37,
+    56,
+    68,
+    109,
+    103,
+    77,
+    24,
+    35,
+    55,
+    64,
+    81,
+    104,
+    113,
+    92,
+    49,
+    64,
+    78,
+    87,
+    103,
+    121,
+    120,
+    101,
+    72,
+    92,
+    95,
+    98,
+    112,
+    100,
+    103,
+    99,
+  ],
+  np.float64,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,15 +176,21 @@ def probe_file(path: str, max_pixels: int, decode: bool = True) -> ImageInfo:
         if image.getexif().get(_ORIENTATION_TAG) in _TRANSPOSING_ORIENTATIONS:
           width, height = height, width
         info = dataclasses.replace(
-            base, width=width, height=height, format=image.format or "", mode=image.mode,
-            jpeg_quality=estimate_jpeg_quality(getattr(image, "quantization", None) or {}))
+          base,
+          width=width,
+          height=height,
+          format=image.format or "",
+          mode=image.mode,
+          jpeg_quality=estimate_jpeg_quality(getattr(image, "quantization", None) or {}),
+        )
   except Image.UnidentifiedImageError:
     return dataclasses.replace(base, error="not an image (no format Pillow reads)")
   except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
     return dataclasses.replace(base, error=f"not a readable image ({error})")
   if width * height > max_pixels:
-    return dataclasses.replace(info, error=f"too large: {width}x{height} = {width * height} pixels exceeds "
-                                           f"data.max_image_pixels={max_pixels}")
+    return dataclasses.replace(
+      info, error=f"too large: {width}x{height} = {width * height} pixels exceeds data.max_image_pixels={max_pixels}"
+    )
   if not decode:
     return info
   try:
@@ -164,8 +235,15 @@ def _unchanged(entry: dict[str, Any], path: str) -> bool:
   return entry["num_bytes"] == stat.st_size and entry["mtime"] == stat.st_mtime
 
 
-def probe_files(paths: Sequence[str], max_pixels: int, cache_path: epath.Path | None = None, *,
-                update_cache: bool = True, decode: bool = True, num_threads: int = 8) -> list[ImageInfo]:
+def probe_files(
+  paths: Sequence[str],
+  max_pixels: int,
+  cache_path: epath.Path | None = None,
+  *,
+  update_cache: bool = True,
+  decode: bool = True,
+  num_threads: int = 8,
+) -> list[ImageInfo]:
   """ImageInfo of every path, in order; local files unchanged since `cache_path` was written are not read again."""
   cache = load_cache(cache_path) if decode else {}
 

@@ -22,8 +22,7 @@ class ImageSource(Protocol):
   keys: Sequence[str]  # a stable name of every record
   sizes: np.ndarray | None  # int64[n, 2]: (height, width) of every record; None where not known
 
-  def __len__(self) -> int:
-    ...
+  def __len__(self) -> int: ...
 
   def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
     """Returns (uint8[H, W, 3] image, label) of record `index`."""

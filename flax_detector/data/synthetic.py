@@ -51,7 +51,7 @@ def upsample_transposed(image: np.ndarray, kernel: np.ndarray) -> np.ndarray:
       phase = None
       for u, top in row_taps:
         for v, left in col_taps:
-          term = kernel[u, v] * padded[top:top + h, left:left + w]
+          term = kernel[u, v] * padded[top : top + h, left : left + w]
           phase = term if phase is None else phase + term
       out[row_parity::2, col_parity::2] = phase
   return out
@@ -90,8 +90,9 @@ class SyntheticSource:
   Image sides are even numbers in [min_side, max_side] (config_validation checks the range).
   """
 
-  def __init__(self, split: str, size: int, min_side: int, max_side: int,
-               fingerprint_strength: float = FINGERPRINT_STRENGTH):
+  def __init__(
+    self, split: str, size: int, min_side: int, max_side: int, fingerprint_strength: float = FINGERPRINT_STRENGTH
+  ):
     self._split_seed = _SPLIT_SEEDS[split]
     self._min_side, self._max_side = min_side, max_side
     self._kernels = (generator_kernel(0.0), generator_kernel(fingerprint_strength))
