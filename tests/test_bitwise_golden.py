@@ -36,8 +36,10 @@ def test_fixed_seed_run_gives_the_recorded_parameters_bitwise(trained_workdir):
 if __name__ == "__main__":
   import tempfile  # pylint: disable=g-import-not-at-top
 
-  from flax_detector import train  # pylint: disable=g-import-not-at-top
-  from tests import conftest  # pylint: disable=g-import-not-at-top  (sets the 8 simulated devices)
+  from tests import conftest  # First: it sets the 8 simulated devices before JAX starts.
+
+  # isort: split
+  from flax_detector import train
 
   with tempfile.TemporaryDirectory() as directory:
     train.train_and_evaluate(conftest.tiny_config(), directory)
