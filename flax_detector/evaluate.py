@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from etils import epath
 from PIL import Image
 
@@ -33,6 +33,7 @@ from flax_detector import (
   robustness,
 )
 from flax_detector import workdir as workdir_layout
+from flax_detector.data.decode import read_or_skip
 from flax_detector.data.folder import DEFAULT_MAX_IMAGE_PIXELS, ImageFolderSource, IndexOptions
 from flax_detector.data.probe import ImageInfo, printable
 from flax_detector.data.sources import ImageSource
@@ -78,10 +79,9 @@ def _score(
   """(record indices scored, log-probabilities) for every readable record, optionally perturbed first."""
 
   def load_image(index: int) -> np.ndarray | None:
-    try:
-      image, _ = evaluation.source[index]
-    except ValueError as error:  # UnreadableImageError: the file changed since it was indexed
-      logging.warning("skipping %s", error)
+    # A file that changed since it was indexed is left out of the report with a warning.
+    image = read_or_skip(lambda: evaluation.source[index][0], "it is left out of the report")
+    if image is None:
       return None
     if perturb is not None:
       image_format = evaluation.infos[index].format if evaluation.infos else "PNG"

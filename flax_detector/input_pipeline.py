@@ -27,7 +27,7 @@ from flax_detector import preprocess, worker_lifetime
 from flax_detector import workdir as workdir_layout
 from flax_detector.config_validation import MIN_IMAGE_SIZE
 from flax_detector.data import array_record
-from flax_detector.data.decode import UnreadableImageError
+from flax_detector.data.decode import read_or_skip
 from flax_detector.data.folder import ImageFolderSource, IndexOptions
 from flax_detector.data.probe import ImageInfo
 from flax_detector.data.sources import ImageSource, class_counts, split_off_validation
@@ -171,15 +171,8 @@ class _RecordAndEpoch(grain.transforms.MapWithIndex):
 
 
 def _read_or_skip(source: ImageSource, index: int) -> np.ndarray | None:
-  """The decoded image, or None with a warning naming the file when it cannot be read.
-
-  One unreadable file among 22k should cost one masked example, not a crashed run hours in.
-  """
-  try:
-    return source[index][0]
-  except UnreadableImageError as error:
-    logging.warning("%s -- it is masked out of its batch and skipped.", error)
-    return None
+  """The decoded image, or None with a warning naming the file when it cannot be read."""
+  return read_or_skip(lambda: source[index][0], "it is masked out of its batch and skipped")
 
 
 class _LoadTrainBatch(grain.transforms.Map):

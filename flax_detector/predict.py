@@ -28,7 +28,7 @@ from etils import epath
 from PIL import Image
 
 from flax_detector import errors, gradcam, inference
-from flax_detector.data.decode import UnreadableImageError, read_image
+from flax_detector.data.decode import UnreadableImageError, read_image, read_or_skip
 from flax_detector.data.folder import DEFAULT_MAX_IMAGE_PIXELS, list_images
 from flax_detector.data.probe import printable, probe_file
 
@@ -72,18 +72,21 @@ def expand_paths(paths: Sequence[str]) -> list[str]:
   return expanded
 
 
+def _warn_on_stderr(message: str) -> None:
+  print(f"warning: {message}", file=sys.stderr)
+
+
 def _image_loader(detector: inference.Detector):
   max_pixels = detector.config.data.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
 
-  def load_image(path: str) -> np.ndarray | None:
+  def read_checked(path: str) -> np.ndarray:
     info = probe_file(path, max_pixels, decode=False)  # refuses an oversized image before decoding it
-    try:
-      if not info.ok:
-        raise UnreadableImageError(f"{printable(path)}: {info.error}")
-      return read_image(path)
-    except UnreadableImageError as error:
-      print(f"warning: skipping {error}", file=sys.stderr)
-      return None
+    if not info.ok:
+      raise UnreadableImageError(f"{printable(path)}: {info.error}")
+    return read_image(path)
+
+  def load_image(path: str) -> np.ndarray | None:
+    return read_or_skip(lambda: read_checked(path), "skipped", warn=_warn_on_stderr)
 
   return load_image
 

@@ -70,15 +70,18 @@ def read_image(path: str) -> np.ndarray:
   return decode_image(read_bytes(path), path)
 
 
-def read_or_skip(read: Callable[[], _Read], consequence: str) -> _Read | None:
+def read_or_skip(
+  read: Callable[[], _Read], consequence: str, warn: Callable[[str], None] = logging.warning
+) -> _Read | None:
   """read(), or None after a warning that names the file and says what happens to it instead.
 
   The one "read the image or warn and skip" path: one unreadable file among 22k should cost that
   file, not a crashed run or command hours in. `consequence` finishes the warning, e.g. "it is
-  masked out of its batch and skipped".
+  masked out of its batch and skipped"; `warn` is where the warning goes (the log, or a command's
+  stderr line).
   """
   try:
     return read()
   except UnreadableImageError as error:
-    logging.warning("%s -- %s.", error, consequence)
+    warn(f"{error} -- {consequence}.")
     return None
