@@ -77,51 +77,62 @@ def confusion_matrix_figure(
   _save(figure, path)
 
 
+def _two_class_axes(y: np.ndarray, title: str, path: epath.PathLike) -> tuple[Figure, Any] | None:
+  """A square figure for a curve that needs both classes; None, after saving a note instead, when one is missing."""
+  if y.all() or not y.any():
+    _message_figure(title, "undefined: the test set has only one class", path)
+    return None
+  figure = Figure(figsize=(5, 5))
+  return figure, figure.add_subplot()
+
+
+def _save_curve(figure: Figure, axes: Any, path: epath.PathLike, legend_loc: str, **labels: str) -> None:
+  """Unit axes (a little headroom for y = 1), a light grid and the legend, then the PNG."""
+  axes.set(xlim=(0, 1), ylim=(0, 1.01), **labels)
+  axes.grid(alpha=0.3)
+  axes.legend(loc=legend_loc)
+  _save(figure, path)
+
+
 def roc_figure(p: np.ndarray, y: np.ndarray, path: epath.PathLike, auc: float | None) -> None:
   """The ROC curve of p_ai against the chance diagonal; a note instead when one class is missing."""
   y = np.asarray(y).astype(bool)
-  if y.all() or not y.any():
-    _message_figure("ROC curve", "undefined: the test set has only one class", path)
+  if (drawing := _two_class_axes(y, "ROC curve", path)) is None:
     return
+  figure, axes = drawing
   fpr, tpr, _ = binary_metrics.roc_curve(p, y)
-  figure = Figure(figsize=(5, 5))
-  axes = figure.add_subplot()
   axes.plot(fpr, tpr, lw=2, label=f"detector (AUC = {_format(auc)})")
   axes.plot([0, 1], [0, 1], ls="--", color="0.6", label="chance")
-  axes.set(
-    xlim=(0, 1),
-    ylim=(0, 1.01),
+  axes.set_aspect("equal")
+  _save_curve(
+    figure,
+    axes,
+    path,
+    "lower right",
     xlabel="false positive rate (human art called AI)",
     ylabel="true positive rate (AI art caught)",
     title="ROC curve",
   )
-  axes.set_aspect("equal")
-  axes.grid(alpha=0.3)
-  axes.legend(loc="lower right")
-  _save(figure, path)
 
 
 def pr_figure(p: np.ndarray, y: np.ndarray, path: epath.PathLike, ap: float | None) -> None:
   """Precision against recall as the step function AP integrates, with the positive share as baseline."""
   y = np.asarray(y).astype(bool)
-  if y.all() or not y.any():
-    _message_figure("Precision-recall curve", "undefined: the test set has only one class", path)
+  if (drawing := _two_class_axes(y, "Precision-recall curve", path)) is None:
     return
+  figure, axes = drawing
   precision, recall, _ = binary_metrics.precision_recall_curve(p, y)
-  figure = Figure(figsize=(5, 5))
-  axes = figure.add_subplot()
   axes.step(recall, precision, where="post", lw=2, label=f"detector (AP = {_format(ap)})")
   axes.axhline(y.mean(), ls="--", color="0.6", label=f"chance (positive share {y.mean():.2f})")
-  axes.set(
-    xlim=(0, 1),
-    ylim=(0, 1.01),
+  _save_curve(
+    figure,
+    axes,
+    path,
+    "lower left",
     xlabel="recall (AI art caught)",
     ylabel="precision (AI calls that are right)",
     title="Precision-recall curve, positive class = AI",
   )
-  axes.grid(alpha=0.3)
-  axes.legend(loc="lower left")
-  _save(figure, path)
 
 
 def score_histogram_figure(
