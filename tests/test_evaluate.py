@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from sklearn import metrics as sk_metrics
 
-from flax_detector import evaluate, predict
+from flax_detector import evaluate, predict, robustness
 from flax_detector.data.synthetic import SyntheticSource
 
 CLASSES = ("human-art", "ai-generated")
@@ -52,16 +52,7 @@ def test_report_agrees_with_sklearn_on_predicts_csv(trained_workdir, labelled_fo
   overlap = result["metadata_overlap"]  # both classes share sizes and formats here: the overlap is not empty
   assert overlap["shortcut"] is False and 0 < overlap["num_examples"] <= 24 and 0.0 <= overlap["accuracy"] <= 1.0
   names = [row["name"] for row in result["robustness"]]
-  assert names == [
-    "clean",
-    "jpeg_q90",
-    "jpeg_q75",
-    "jpeg_q50",
-    "downscale_0.5",
-    "downscale_0.25",
-    "blur_sigma1",
-    "png_to_jpeg_q95",
-  ]
+  assert names == ["clean", *robustness.PERTURBATIONS]  # test_robustness pins the perturbations and their order
   assert result["robustness"][0]["accuracy"] == result["accuracy"]
   assert all(0.0 <= row["accuracy"] <= 1.0 for row in result["robustness"])
   assert json.loads((out / "report.json").read_text())["accuracy"] == result["accuracy"]
