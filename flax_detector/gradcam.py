@@ -78,8 +78,7 @@ def fitted_shape(height: int, width: int, size: int, mode: str) -> tuple[tuple[i
   bottom and right up to `size` (preprocess.pad_to_at_least).
   """
   if mode == "resize":
-    scale = size / min(height, width)
-    height, width = max(size, round(height * scale)), max(size, round(width * scale))
+    height, width = preprocess.resized_shape(height, width, size)
   return (height, width), (max(height, size), max(width, size))
 
 

@@ -60,11 +60,15 @@ def pad_to_at_least(image: np.ndarray, size: int) -> np.ndarray:
   return np.pad(image, ((0, max(0, size - height)), (0, max(0, size - width)), (0, 0)))
 
 
-def resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
-  height, width = image.shape[:2]
+def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
+  """(height, width) after scaling the shorter side to `size`; Grad-CAM maps views back with the same rule."""
   scale = size / min(height, width)
-  new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
-  return np.asarray(Image.fromarray(image).resize(new_size, Image.Resampling.BICUBIC))
+  return max(size, round(height * scale)), max(size, round(width * scale))
+
+
+def resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
+  height, width = resized_shape(*image.shape[:2], size)
+  return np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BICUBIC))
 
 
 def crop(image: np.ndarray, top: int, left: int, size: int) -> np.ndarray:
