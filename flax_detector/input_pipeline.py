@@ -170,9 +170,14 @@ class _RecordAndEpoch(grain.transforms.MapWithIndex):
     return record, index // self._num_records
 
 
-def _read_or_skip(source: ImageSource, index: int) -> np.ndarray | None:
-  """The decoded image, or None with a warning naming the file when it cannot be read."""
-  return read_or_skip(lambda: source[index][0], "it is masked out of its batch and skipped")
+def _read_or_skip(source: ImageSource, index: int, image_size: int, mode: str) -> np.ndarray | None:
+  """The decoded image, or None with a warning naming the file when it cannot be read.
+
+  Under "resize" the source scales it while decoding, a JPEG at reduced scale (see decode.decode_image);
+  "crop" keeps every native pixel.
+  """
+  shorter_side = image_size if mode == "resize" else None
+  return read_or_skip(lambda: source.image(index, shorter_side), "it is masked out of its batch and skipped")
 
 
 class _LoadTrainBatch(grain.transforms.Map):
@@ -185,7 +190,7 @@ class _LoadTrainBatch(grain.transforms.Map):
     records, epochs = positions
     images, mask = [], []
     for record, epoch in zip(records, epochs):
-      image = _read_or_skip(self._source, int(record))
+      image = _read_or_skip(self._source, int(record), self._image_size, self._mode)
       mask.append(image is not None)
       if image is None:
         images.append(np.zeros((self._image_size, self._image_size, 3), np.uint8))
@@ -209,7 +214,9 @@ class _LoadEvalBatch(grain.transforms.Map):
     num_records = len(self._source)
     images, mask = [], []
     for position in positions:
-      image = _read_or_skip(self._source, int(position)) if position < num_records else None
+      image = (
+        _read_or_skip(self._source, int(position), self._image_size, self._mode) if position < num_records else None
+      )
       mask.append(image is not None)
       if image is None:
         images.append(np.zeros((self._grid**2, self._image_size, self._image_size, 3), np.uint8))

@@ -2,8 +2,9 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 
+from flax_detector import preprocess
 from flax_detector.data.decode import UnreadableImageError, decode_image, read_image
 
 
@@ -64,3 +65,56 @@ def test_unreadable_file_error_names_it(tmp_path):
     read_image(str(broken))
   with pytest.raises(UnreadableImageError, match="missing.png"):
     read_image(str(tmp_path / "missing.png"))
+
+
+def _photo(width: int, height: int) -> Image.Image:
+  """Smooth colour fields with fine noise: what a JPEG of a drawing or photo decodes to, roughly."""
+  rng = np.random.default_rng(0)
+  low = Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).resize((width, height), Image.BICUBIC)
+  noisy = np.asarray(low, np.int16) + rng.integers(-8, 9, (height, width, 3))
+  return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+
+
+def test_resize_decodes_a_large_jpeg_at_reduced_scale_close_to_the_full_decode(monkeypatch):
+  data = _encode(_photo(1600, 1200), "JPEG", quality=92)
+  full = preprocess.resize_shorter_side(decode_image(data, "big.jpg"), 224)
+  drafts = []
+  original_draft = JpegImagePlugin.JpegImageFile.draft
+
+  def recording_draft(image, mode, size):
+    result = original_draft(image, mode, size)
+    drafts.append(image.size)  # the size libjpeg will decode at
+    return result
+
+  monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", recording_draft)
+  reduced = decode_image(data, "big.jpg", shorter_side=224)
+  assert drafts == [(400, 300)]  # 1/4 scale: the largest that keeps the shorter side >= 224
+  assert reduced.shape == full.shape == (224, 299, 3)
+  difference = np.abs(reduced.astype(np.int16) - full.astype(np.int16))
+  assert difference.mean() < 2.0 and np.percentile(difference, 99) < 12
+
+
+def test_resize_follows_exif_orientation_and_matches_the_full_shape():
+  exif = Image.Exif()
+  exif[0x0112] = 6  # stored 1200x900, shown 900x1200
+  data = _encode(_photo(1200, 900), "JPEG", quality=92, exif=exif)
+  full = preprocess.resize_shorter_side(decode_image(data, "rotated.jpg"), 100)
+  reduced = decode_image(data, "rotated.jpg", shorter_side=100)
+  assert reduced.shape == full.shape == (133, 100, 3)
+  assert np.abs(reduced.astype(np.int16) - full.astype(np.int16)).mean() < 3.0  # 1/8 scale, so a little more
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_resize_without_a_reduced_scale_is_bitwise_the_full_decode_then_resize(fmt):
+  data = _encode(_photo(300, 260), fmt)  # a JPEG under twice the side: libjpeg decodes it in full
+  expected = preprocess.resize_shorter_side(decode_image(data, "small"), 224)
+  np.testing.assert_array_equal(decode_image(data, "small", shorter_side=224), expected)
+
+
+def test_native_decode_never_drafts(monkeypatch):
+  monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", lambda *_: pytest.fail("drafted a native decode"))
+  data = _encode(_photo(800, 600), "JPEG")
+  decoded = decode_image(data, "native.jpg")
+  assert decoded.shape == (600, 800, 3)
+  with Image.open(io.BytesIO(data)) as image:
+    np.testing.assert_array_equal(decoded, np.asarray(image.convert("RGB")))

@@ -137,10 +137,13 @@ class ArrayRecordImageSource:
     return len(self.keys)
 
   def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
-    key, label, data = decode_record(self._records[index])
+    return self.image(index), int(self.labels[index])
+
+  def image(self, index: int, shorter_side: int | None = None) -> np.ndarray:
+    key, _, data = decode_record(self._records[index])
     if key != self.keys[index]:
       raise ValueError(
         f"{self._split} record {index} holds {key}, but the index says {self.keys[index]}: the "
         f"shards and index.json come from different runs; re-run flax_detector.prepare --overwrite"
       )
-    return decode_image(data, key), label
+    return decode_image(data, key, shorter_side)

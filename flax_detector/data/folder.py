@@ -195,7 +195,10 @@ class ImageFolderSource:
     return len(self.paths)
 
   def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
-    return read_image(self.paths[index]), int(self.labels[index])
+    return self.image(index), int(self.labels[index])
+
+  def image(self, index: int, shorter_side: int | None = None) -> np.ndarray:
+    return read_image(self.paths[index], shorter_side)
 
 
 def _report_bad_files(split_dir: epath.Path, bad: Sequence[ImageInfo], total: int, policy: str) -> None:

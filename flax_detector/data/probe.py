@@ -22,13 +22,10 @@ from etils import epath
 from PIL import Image
 
 from flax_detector import workdir
-from flax_detector.data.decode import decode_image
+from flax_detector.data.decode import decode_image, transposes
 
 # Bumped when the probe's rules change, so a stale cache is ignored instead of trusted.
 _CACHE_VERSION = 1
-# EXIF orientations that swap width and height when applied.
-_ORIENTATION_TAG = 0x0112
-_TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 # Table K.1 of the JPEG standard: the luminance quantisation table that libjpeg scales by quality.
 _STANDARD_LUMINANCE_TABLE = np.array(
   [
@@ -173,7 +170,7 @@ def probe_file(path: str, max_pixels: int, decode: bool = True) -> ImageInfo:
       warnings.simplefilter("ignore", Image.DecompressionBombWarning)
       with Image.open(io.BytesIO(data)) as image:
         width, height = image.size
-        if image.getexif().get(_ORIENTATION_TAG) in _TRANSPOSING_ORIENTATIONS:
+        if transposes(image):
           width, height = height, width
         info = dataclasses.replace(
           base,

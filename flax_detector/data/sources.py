@@ -5,6 +5,8 @@ processes can decode in parallel. `labels` is known without decoding, for class 
 `keys` name records stably (relative paths), for the validation split and error messages.
 `sizes` (int[n, 2] of height, width) is known without decoding too: the crop policy and the
 shortcut audit need every image's size before training starts.
+`image(index, shorter_side)` is the input pipeline's way in: under data.preprocess="resize" it asks for
+the image already scaled, which a JPEG source decodes at reduced scale (see decode.decode_image).
 """
 
 import hashlib
@@ -28,6 +30,10 @@ class ImageSource(Protocol):
     """Returns (uint8[H, W, 3] image, label) of record `index`."""
     ...
 
+  def image(self, index: int, shorter_side: int | None = None) -> np.ndarray:
+    """Record `index`'s image; with `shorter_side`, scaled to preprocess.resized_shape of its full size."""
+    ...
+
 
 class SubsetSource:
   """The records `indices` of another source, e.g. the validation share of train/."""
@@ -44,6 +50,9 @@ class SubsetSource:
 
   def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
     return self._source[int(self._indices[index])]
+
+  def image(self, index: int, shorter_side: int | None = None) -> np.ndarray:
+    return self._source.image(int(self._indices[index]), shorter_side)
 
 
 def _stable_fraction(key: str) -> float:

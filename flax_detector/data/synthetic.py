@@ -12,6 +12,8 @@ distributions in both classes, so only the fingerprint tells them apart.
 import numpy as np
 from PIL import Image, ImageDraw
 
+from flax_detector import preprocess
+
 _SPLIT_SEEDS = {"train": 1, "test": 2}
 # The fixed "generator weights" whose fingerprint the ai-generated half carries.
 _GENERATOR_SEED = 20_240_601
@@ -109,11 +111,13 @@ class SyntheticSource:
     return 2 * rng.integers(self._min_side // 2, self._max_side // 2 + 1, 2)
 
   def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
-    label = int(self.labels[index])
+    return self.image(index), int(self.labels[index])
+
+  def image(self, index: int, shorter_side: int | None = None) -> np.ndarray:
     rng = np.random.default_rng((self._split_seed, index))
     height, width = self._size(index, rng)
     drawing = _draw(rng, height, width)
     # The mean of each 2x2 block; the pixels are whole numbers, so the sum is exact in any order.
     halved = (drawing[0::2, 0::2] + drawing[0::2, 1::2] + drawing[1::2, 0::2] + drawing[1::2, 1::2]) / 4
-    image = upsample_transposed(halved, self._kernels[label])
-    return np.clip(np.rint(image), 0, 255).astype(np.uint8), label
+    image = np.clip(np.rint(upsample_transposed(halved, self._kernels[self.labels[index]])), 0, 255).astype(np.uint8)
+    return image if shorter_side is None else preprocess.resize_shorter_side(image, shorter_side)
