@@ -25,6 +25,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   data.val_fraction = 0.1
   # "crop": keep native pixels (random crop for training, centre crop for eval, zero-pad small images).
   # "resize": scale the shorter side to image_size first. Resizing erases pixel-level generator traces.
+  # Under "resize" a JPEG is decoded at 1/2, 1/4 or 1/8 scale where that still covers image_size (faster).
   data.preprocess = "crop"
   # How "crop" treats images smaller than image_size. "shared": every crop has the side that all but
   # data.shared_crop_quantile of the training images can supply (at most image_size), so no class is
@@ -55,8 +56,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # What an unreadable, truncated or oversized file does: "skip" leaves it out of the splits, the class
   # counts and the weights, and lists it in DIR/skipped_files.txt; "error" stops before training.
   data.on_bad_file = "skip"
-  # Grain worker processes that decode and augment; 0 decodes in the training process.
-  data.worker_count = 4
+  # Grain worker processes that decode and augment; 0 decodes in the training process. -1 chooses from
+  # the host: one per core this process may use (its CPU affinity) less 2 for the training process, 1 to 32.
+  # Several training processes on one host each take that many: pin them to disjoint cores or set a count.
+  data.worker_count = -1
   # Batches each worker prepares ahead of the training step.
   data.worker_buffer_size = 2
   # Built-in synthetic set (used when data.dir is ""): records per split and image side range in px.

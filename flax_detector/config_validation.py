@@ -5,9 +5,11 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 from etils import epath
 
 from flax_detector import sharding, workdir
+from flax_detector.data import host_resources
 from flax_detector.data.folder import BAD_FILE_POLICIES
 from flax_detector.preprocess import CROP_POLICIES, PREPROCESS_MODES
 
@@ -92,7 +94,8 @@ def _check_dtype(name: str) -> None:
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Returns a copy of `config` with data.class_names split (normalize_class_names), every field checked.
+  """Returns a copy of `config` with data.class_names split (normalize_class_names), data.worker_count=-1
+  resolved to a count for this host (host_resources.auto_worker_count), and every field checked.
 
   Raises ValueError naming the first field that cannot work; `config` itself is left as it is. The
   batch sizes are checked against the mesh of every device (sharding.create_mesh): call it after
@@ -144,7 +147,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       (config.data[name] >= 1, f"data.{name}={config.data[name]}: must be >= 1")
       for name in ("eval_grid", "periodic_eval_grid")
     ],
-    (config.data.worker_count >= 0, f"data.worker_count={config.data.worker_count}: must be >= 0"),
+    (
+      config.data.worker_count >= -1,
+      f"data.worker_count={config.data.worker_count}: use -1 (chosen from the host's cores) or >= 0",
+    ),
     (config.image_size >= MIN_IMAGE_SIZE, f"image_size={config.image_size}: VGG16 needs at least {MIN_IMAGE_SIZE}"),
     (
       config.batch_size > 0 and config.eval_batch_size > 0,
@@ -175,4 +181,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if init_from:
     raise ValueError(init_from)
   _check_dtype(config.model.dtype)
+  if config.data.worker_count == -1:
+    config.data.worker_count = host_resources.auto_worker_count()
+    logging.info(
+      "data.worker_count=-1: %d Grain workers for %d usable cores",
+      config.data.worker_count,
+      host_resources.usable_cores(),
+    )
   return config
