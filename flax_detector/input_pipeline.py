@@ -16,6 +16,7 @@ a file that becomes unreadable later is masked out of its batch with a warning n
 
 import dataclasses
 import math
+import os
 
 import grain
 import ml_collections
@@ -28,6 +29,7 @@ from flax_detector import workdir as workdir_layout
 from flax_detector.config_validation import MIN_IMAGE_SIZE
 from flax_detector.data import array_record
 from flax_detector.data.decode import read_or_skip
+from flax_detector.data.decoded_cache import DecodedCache
 from flax_detector.data.folder import ImageFolderSource, IndexOptions
 from flax_detector.data.probe import ImageInfo
 from flax_detector.data.sources import ImageSource, class_counts, split_off_validation
@@ -52,6 +54,12 @@ class Splits:
     return [info for folder in self.folders.values() for info in folder.skipped]
 
 
+def decoded_side(image_size: int, preprocess_mode: str) -> int | None:
+  """The shorter side a source scales images to while decoding: image_size under "resize" (a JPEG is then
+  decoded at reduced scale, see decode.decode_image); None under "crop", which keeps every native pixel."""
+  return image_size if preprocess_mode == "resize" else None
+
+
 @dataclasses.dataclass(frozen=True)
 class SourceSettings:
   """Where a run's images come from: the data.* fields that decide the three splits."""
@@ -63,6 +71,8 @@ class SourceSettings:
   on_bad_file: str
   synthetic_sizes: tuple[int, int]  # records in the synthetic train and test splits
   synthetic_sides: tuple[int, int]  # smallest and largest synthetic image side
+  cache_decoded: bool = False  # decode train/ (and its validation share) once, into shared memory
+  decoded_side: int | None = None  # decoded_side(...): the shorter side images are scaled to while decoding
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "SourceSettings":
@@ -75,6 +85,8 @@ class SourceSettings:
       data.on_bad_file,
       (data.synthetic_train_size, data.synthetic_test_size),
       (data.synthetic_min_side, data.synthetic_max_side),
+      data.cache_decoded,
+      decoded_side(config.image_size, data.preprocess),
     )
 
   def index_options(self, workdir: epath.Path | None, process_index: int) -> IndexOptions:
@@ -101,11 +113,17 @@ def load_split(
 
 
 def load_splits(settings: SourceSettings, workdir: epath.Path | None = None, process_index: int = 0) -> Splits:
-  """Indexes data.dir (or builds the synthetic set) and carves the validation split from train/."""
+  """Indexes data.dir (or builds the synthetic set) and carves the validation split from train/.
+
+  With data.cache_decoded, train/ is decoded once into memory first (data/decoded_cache.py); the test split,
+  read once at the end, is not.
+  """
   full_train, test = (load_split(settings, split, workdir, process_index) for split in ("train", "test"))
   folders = {
     split: source for split, source in (("train", full_train), ("test", test)) if isinstance(source, ImageFolderSource)
   }
+  if settings.cache_decoded:
+    full_train = DecodedCache(full_train, settings.decoded_side, None if workdir is None else os.fspath(workdir))
   train, validation = split_off_validation(full_train, settings.val_fraction)
   for name, split in (("train", train), ("validation", validation), ("test", test)):
     counts = class_counts(split, len(settings.class_names))
@@ -171,12 +189,8 @@ class _RecordAndEpoch(grain.transforms.MapWithIndex):
 
 
 def _read_or_skip(source: ImageSource, index: int, image_size: int, mode: str) -> np.ndarray | None:
-  """The decoded image, or None with a warning naming the file when it cannot be read.
-
-  Under "resize" the source scales it while decoding, a JPEG at reduced scale (see decode.decode_image);
-  "crop" keeps every native pixel.
-  """
-  shorter_side = image_size if mode == "resize" else None
+  """The decoded image (see decoded_side), or None with a warning naming the file when it cannot be read."""
+  shorter_side = decoded_side(image_size, mode)
   return read_or_skip(lambda: source.image(index, shorter_side), "it is masked out of its batch and skipped")
 
 

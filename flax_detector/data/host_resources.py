@@ -1,4 +1,4 @@
-"""What this host can give the input pipeline: the cores this process may use.
+"""What this host can give the input pipeline: the cores this process may use, and free memory.
 
 data.worker_count=-1 asks for a worker count chosen from the host: one Grain worker per core that this
 process may run on (its CPU affinity, which taskset, Slurm's --cpus-per-task and container limits narrow),
@@ -26,3 +26,15 @@ def auto_worker_count(cores: int | None = None) -> int:
   """Grain workers for data.worker_count=-1: every usable core but the training process's, at least 1."""
   cores = usable_cores() if cores is None else cores
   return max(1, min(MAX_AUTO_WORKERS, cores - TRAINING_PROCESS_CORES))
+
+
+def available_memory_bytes() -> int | None:
+  """Memory the kernel could hand out now without swapping (MemAvailable), or None where unknown (not Linux)."""
+  try:
+    with open("/proc/meminfo") as meminfo:
+      for line in meminfo:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None
