@@ -7,7 +7,8 @@ every record up front (threads: Pillow decodes without the GIL), appends the pix
 and the workers map that file read-only: the kernel's page cache holds a single copy for all of them.
 
 Every process of a multi-host job reads all of its training split over the epochs (its share of each
-global batch is drawn from the whole shuffled split), so each process caches the whole split it loaded.
+global batch is drawn from the whole shuffled split), so each process caches the whole split it loaded;
+several processes on one host each hold their own copy, and each checks the free memory only for itself.
 
 The file is written in /dev/shm (memory) or, where that is too small, the run's workdir, and unlinked as
 soon as it exists: the training process keeps it open and the workers open it through /proc/<pid>/fd, so
