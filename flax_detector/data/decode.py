@@ -2,7 +2,7 @@
 
 With `shorter_side` (data.preprocess="resize"), the image comes out already scaled so its shorter side is
 that many pixels, and a JPEG is decoded by libjpeg at 1/2, 1/4 or 1/8 scale first where the result is still
-at least that large: a 2048-px JPEG becomes a 224-px crop without ever holding its 12 MB of full pixels.
+at least that large: a 2048-px JPEG becomes a 224-px image without ever holding its 12 MB of full pixels.
 Native-pixel decoding ("crop", the default: generator traces live in single pixels) never uses it.
 """
 
