@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from flax_detector import gradcam, preprocess, report, sharding
+from flax_detector import gradcam, library_logs, preprocess, report, sharding
 from flax_detector import workdir as workdir_layout
 from flax_detector.checkpoint import abstract_with_shardings, restore_model_variables
 from flax_detector.models import create_model, init_variables, view_averaged_log_probs
@@ -128,18 +128,9 @@ def build_detector(
   )
 
 
-class _LibraryFilter(logging.logging.Filter):
-  """Keeps Orbax's and JAX's notes (e.g. "read_only=True, setting create=False") off a command's stderr."""
-
-  _LIBRARIES = ("/orbax/", "/jax/", "/jaxlib/", "/grain/")
-
-  def filter(self, record: logging.logging.LogRecord) -> bool:
-    return record.levelno >= logging.logging.ERROR or not any(part in record.pathname for part in self._LIBRARIES)
-
-
 def quiet_library_logs() -> None:
   """Commands whose stdout or report is the product show only their own warnings, unless --verbose."""
-  logging.get_absl_handler().addFilter(_LibraryFilter())
+  library_logs.hide_library_logs(keep_from=logging.logging.ERROR)
   logging.set_verbosity(logging.WARNING)
 
 

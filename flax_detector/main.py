@@ -21,7 +21,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flax_detector import distributed, errors, run_lock
+from flax_detector import distributed, errors, library_logs, run_lock
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events and final_metrics.json.")
@@ -44,27 +44,6 @@ flags.DEFINE_bool(
   allow_override=True,
 )
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-class _LibraryNoiseFilter(logging.logging.Filter):
-  """Drops Orbax's and Grain's INFO chatter (dozens of lines per checkpoint) and JAX's TPU probe elsewhere.
-
-  Their warnings still pass. The probe line ("Unable to initialize backend 'tpu': ... libtpu.so") is
-  JAX looking for a TPU library that only TPU machines have. Orbax's own tracebacks of an OSError in a
-  background save are dropped too: the error is raised again at the next save or wait, where the run
-  reports it in one line (checkpoint.CheckpointWriteError).
-  """
-
-  _QUIET = ("/orbax/", "/grain/")
-
-  def filter(self, record: logging.logging.LogRecord) -> bool:
-    if "/orbax/" in record.pathname and record.exc_info and isinstance(record.exc_info[1], OSError):
-      return False
-    if record.levelno >= logging.logging.WARNING:
-      return True
-    if record.pathname.endswith("xla_bridge.py") and "libtpu" in record.getMessage():
-      return False
-    return not any(part in record.pathname for part in self._QUIET)
 
 
 def _dotted_fields(config: dict[str, Any], prefix: str = "") -> list[str]:
@@ -145,7 +124,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not FLAGS.verbose:
-    logging.get_absl_handler().addFilter(_LibraryNoiseFilter())
+    library_logs.hide_library_logs(keep_from=logging.logging.WARNING)
   # A Grain batch still in flight when an iterator closes is unlinked at exit by multiprocessing's resource
   # tracker, which warns about "leaked shared_memory objects" though nothing is lost. The tracker process
   # (started with the first Grain worker) takes its warning filters from this process's -W options.
