@@ -41,11 +41,16 @@ def test_width_multiplier_scales_convs_and_classifier():
 def test_forward_gives_float32_logits_with_bfloat16_compute():
   model = VGG16(num_classes=2, batch_norm=True, width_multiplier=1 / 16, dtype=jnp.bfloat16)
   images = jnp.zeros((2, 32, 32, 3), jnp.uint8)
-  variables = model.init({"params": jax.random.PRNGKey(0)}, images, train=False)
-  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(variables["params"]))
-  logits, _ = model.apply(
-    variables, images, train=True, rngs={"dropout": jax.random.PRNGKey(1)}, mutable=["batch_stats"]
-  )
+  # Shapes and dtypes decide what is checked, so the variables are ones of the initialiser's dtypes: drawing
+  # them compiles a random initialiser per layer. One jit: the ops one at a time compile one program each.
+  shapes = jax.eval_shape(lambda: model.init({"params": jax.random.PRNGKey(0)}, images, train=False))
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(shapes["params"]))
+  variables = jax.tree.map(lambda leaf: jnp.ones(leaf.shape, leaf.dtype), shapes)
+  logits, _ = jax.jit(
+    lambda variables: model.apply(
+      variables, images, train=True, rngs={"dropout": jax.random.PRNGKey(1)}, mutable=["batch_stats"]
+    )
+  )(variables)
   assert logits.shape == (2, 2) and logits.dtype == jnp.float32
 
 
