@@ -1,16 +1,21 @@
 """Command line over flax_detector.throughput: where does a run's time go, and how does PyTorch compare?
 
-  python -m flax_detector.benchmark --config=configs/vgg16.py:cpu [--parts=step,e2e,eval,input] [--compare_torch]
+  python -m flax_detector.benchmark --config=configs/vgg16.py:cpu [--parts=step,e2e,eval,input,profile]
+      [--compare_torch]
 
 Prints a few readable lines, then one JSON object with every figure: the train step alone on a resident
 batch (images/s, compile time, GFLOP per image from XLA's cost analysis, MFU over the device's peak),
 the real training loop end to end and its fraction of the step alone, the eval step alone, and the
-input pipeline alone. With --compare_torch, benchmarks/torch_reference.py runs the same model, batch,
+input pipeline alone; `profile` adds the train step's longest XLA operations, each named by the model
+code it came from (step_profile). With --compare_torch, benchmarks/torch_reference.py runs the same model, batch,
 dtype and optimizer in PyTorch (eager, then torch.compile) in between the JAX rounds, so both sides see
 the same machine at the same time; each side's figure is its best round.
 """
 
+import dataclasses
 import json
+import pathlib
+import tempfile
 from typing import Any
 
 import jax
@@ -18,13 +23,13 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flax_detector import config_validation, distributed, throughput
+from flax_detector import config_validation, distributed, step_profile, throughput
 
-PARTS = ("step", "e2e", "eval", "input")
+PARTS = ("step", "e2e", "eval", "input", "profile")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration, e.g. configs/vgg16.py:cpu.", lock_config=True)
-flags.DEFINE_list("parts", list(PARTS), f"What to measure, any of {','.join(PARTS)}.")
+flags.DEFINE_list("parts", list(PARTS[:-1]), f"What to measure, any of {','.join(PARTS)}.")
 flags.DEFINE_integer("steps", 20, "Timed steps (or input batches) per round, after the warm-up.")
 flags.DEFINE_integer("warmup", 3, "Untimed steps or batches first (compilation, worker start-up).")
 flags.DEFINE_integer("rounds", 3, "Timed rounds of the train and eval steps; the best round counts.")
@@ -42,6 +47,10 @@ flags.DEFINE_integer(
   "per core. On a CPU other jobs are using, PyTorch's spinning OpenMP threads slow down many times "
   "over; 1 thread then shows what it can do.",
 )
+flags.DEFINE_string(
+  "profile_dir", "", "Where the profile part keeps its jax.profiler trace (TensorBoard, Perfetto); '' a temp folder."
+)
+flags.DEFINE_integer("profile_top", 25, "How many of the train step's longest operations the profile part lists.")
 flags.DEFINE_integer("torch_timeout", 900, "Seconds each PyTorch run may take, compilation included.")
 flags.mark_flag_as_required("config")
 
@@ -104,7 +113,18 @@ def _measure(config: ml_collections.ConfigDict) -> dict[str, Any]:
     results.update(throughput.measure_eval_step(experiment, FLAGS.steps, FLAGS.warmup, FLAGS.rounds))
   if "input" in FLAGS.parts:
     results.update(throughput.measure_input(config, FLAGS.steps, FLAGS.warmup))
+  if "profile" in FLAGS.parts:
+    times = _profile(experiment)
+    results["profile_parts"] = [dataclasses.asdict(entry) for entry in step_profile.by_model_part(times)]
+    results["profile_ops"] = [dataclasses.asdict(entry) for entry in step_profile.longest(times, FLAGS.profile_top)]
   return results
+
+
+def _profile(experiment: Any) -> list[step_profile.OpTime]:
+  timer = throughput.TrainStepTimer.create(experiment, FLAGS.warmup)
+  with tempfile.TemporaryDirectory() as scratch:
+    trace_dir = pathlib.Path(FLAGS.profile_dir or scratch)
+    return step_profile.profile_train_step(timer, FLAGS.steps, trace_dir)
 
 
 def summary_lines(results: dict[str, Any]) -> list[str]:
@@ -129,6 +149,9 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
     if key in results:
       lines.append(f"{label:>24}: {results[key]:10.3f}")
   lines += [f"{key:>24}: {results[key]}" for key in ("torch_eager_error", "torch_compile_error") if key in results]
+  for key, title in (("profile_parts", "Train step by part of the model:"), ("profile_ops", "Longest operations:")):
+    if key in results:
+      lines += [title, *step_profile.table([step_profile.OpTime(**entry) for entry in results[key]])]
   return lines
 
 

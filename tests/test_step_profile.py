@@ -1,0 +1,51 @@
+"""step_profile: a profiler trace of the real train step, summed per XLA op and named by the model code."""
+
+from flax_detector import config_validation, step_profile, throughput, train
+
+_HLO = """
+%fused_computation.1 (param_0: f32[4]) -> f32[4] {
+  %param_0 = f32[4]{0} parameter(0)
+  ROOT %add.1 = f32[4]{0} add(%param_0, %param_0), metadata={op_name="jit(train_step)/jvp(VGG16)/BatchNorm_2/add"}
+}
+
+%fused_computation.2 (param_0: f32[8,8,4,4], param_1: f32[8,8,4,4]) -> f32[4,3,3,4] {
+  ROOT %convolution.7 = f32[4,3,3,4]{3,2,1,0} convolution(%param_0, %param_1), window={size=8x8 pad=1_1x1_1}
+}
+
+ENTRY %main.3 (p: f32[4]) -> f32[4] {
+  %add_fusion.1 = f32[4]{0} fusion(%p), kind=kLoop, calls=%fused_computation.1
+  %ynn_fusion.2 = f32[4,3,3,4]{3,2,1,0} fusion(%p, %p), kind=kCustom, calls=%fused_computation.2
+  ROOT %multiply.3 = f32[4]{0} multiply(%p, %p), metadata={op_name="jit(train_step)/mul"}
+}
+"""
+
+
+def test_hlo_sources_name_fusions_by_their_inner_metadata_or_root():
+  sources = step_profile.hlo_sources(_HLO)
+  assert sources["add_fusion.1"] == "jit(train_step)/jvp(VGG16)/BatchNorm_2/add"
+  assert sources["ynn_fusion.2"] == "convolution f32[4,3,3,4]"
+  assert sources["multiply.3"] == "jit(train_step)/mul"
+
+
+def test_model_part_tells_direction_and_layer():
+  assert step_profile.model_part("jit(train_step)/jvp(VGG16)/BatchNorm_2/add") == "BatchNorm forward"
+  assert step_profile.model_part("jit(train_step)/transpose(jvp(VGG16))/Conv_4/rev") == "Conv backward"
+  assert step_profile.model_part("convolution f32[4,3,3,4]") == "Conv backward"
+  assert step_profile.model_part("jit(train_step)/jvp(VGG16)/jit(relu)/max") == "activations and pooling forward"
+  assert step_profile.model_part("jit(train_step)/mul") == "loss, optimizer and the rest"
+
+
+def test_profile_of_the_train_step_accounts_for_its_ops(make_config, tmp_path):
+  experiment = train.build_experiment(config_validation.validate(make_config()))
+  timer = throughput.TrainStepTimer.create(experiment, warmup=1)
+  times = step_profile.profile_train_step(timer, steps=2, trace_dir=tmp_path)
+
+  compiled_text = timer.compiled.as_text()
+  assert times and all(f"%{entry.op} " in compiled_text for entry in times)
+  assert abs(sum(entry.share for entry in times) - 1.0) < 1e-6
+  assert times == sorted(times, key=lambda entry: -entry.seconds_per_step)
+  parts = {entry.op for entry in step_profile.by_model_part(times)}
+  assert {"Conv forward", "Conv backward", "BatchNorm forward", "BatchNorm backward"} <= parts
+  top = step_profile.longest(times, 3)
+  assert len(top) == 4 and top[-1].op == f"{len(times) - 3} other ops"
+  assert abs(sum(entry.seconds_per_step for entry in top) - sum(entry.seconds_per_step for entry in times)) < 1e-9
