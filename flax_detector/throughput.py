@@ -18,13 +18,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from typing import Any
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from tensorboard.backend.event_processing import event_accumulator
+from clu import metric_writers
 
 from flax_detector import input_pipeline, sharding
 
@@ -183,11 +185,23 @@ def measure_input(config: ml_collections.ConfigDict, steps: int, warmup: int) ->
   return {"input_images_per_second": images / seconds, "input_worker_count": config.data.worker_count}
 
 
-def _train_log_times(workdir: str) -> list[tuple[int, float]]:
-  """(step, wall time) of every train_loss the run wrote to TensorBoard, in step order."""
-  events = event_accumulator.EventAccumulator(workdir, size_guidance={event_accumulator.TENSORS: 0})
-  events.Reload()
-  return sorted((event.step, event.wall_time) for event in events.Tensors("train_loss"))
+class _ClockedWriter:
+  """The run's own metric writer, noting when each train_loss passes through it.
+
+  It times the loop without reading TensorBoard files back, so the end-to-end part also works where
+  TensorFlow is absent and the TensorBoard writer writes nothing (the GPU image, ../shared/gpu).
+  """
+
+  def __init__(self, writer: metric_writers.MetricWriter, times: list[tuple[int, float]]) -> None:
+    self._writer, self._times = writer, times
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    if "train_loss" in scalars:
+      self._times.append((int(step), time.time()))
+    self._writer.write_scalars(step, scalars)
+
+  def __getattr__(self, name: str) -> Any:
+    return getattr(self._writer, name)
 
 
 def measure_end_to_end(config: ml_collections.ConfigDict, steps: int) -> dict[str, float]:
@@ -206,11 +220,17 @@ def measure_end_to_end(config: ml_collections.ConfigDict, steps: int) -> dict[st
     )
   run_config = ml_collections.ConfigDict(config.to_dict())
   run_config.num_train_steps = steps
-  with tempfile.TemporaryDirectory() as workdir:
+  logged: list[tuple[int, float]] = []
+  create_writer = train._create_writer  # pylint: disable=protected-access
+
+  def create_clocked_writer(workdir: Any, is_chief: bool) -> Any:
+    return _ClockedWriter(create_writer(workdir, is_chief), logged)
+
+  with tempfile.TemporaryDirectory() as workdir, mock.patch.object(train, "_create_writer", create_clocked_writer):
     start = time.time()
     train.train_and_evaluate(run_config, workdir)
     total_seconds = time.time() - start
-    logged = _train_log_times(workdir)
+  logged.sort()
   (first_step, first_time), (last_step, last_time) = logged[0], logged[-1]
   steps_per_second = (last_step - first_step) / (last_time - first_time)
   return {
