@@ -152,12 +152,11 @@ def measure_eval_step(experiment: Any, steps: int, warmup: int, rounds: int = 1)
   views = experiment.config.data.eval_grid**2
   state = jax.jit(experiment.init_state, out_shardings=experiment.state_shardings)()
   batch = resident_batch(experiment, experiment.config.eval_batch_size, views)
-  compiled = experiment.eval_step.lower(state, batch).compile()
 
   def run(count: int) -> None:
-    jax.block_until_ready([compiled(state, batch) for _ in range(count)])
+    jax.block_until_ready([experiment.eval_step(state, batch) for _ in range(count)])
 
-  run(warmup)
+  run(max(warmup, 1))  # the first call compiles
   images_per_second = steps * experiment.config.eval_batch_size / _best_seconds(lambda: run(steps), rounds)
   return {
     "eval_images_per_second": images_per_second,

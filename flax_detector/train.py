@@ -3,9 +3,11 @@
 import contextlib
 import dataclasses
 import functools
+import itertools
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent import futures
 from typing import Any
 
 import flax.linen as nn
@@ -37,7 +39,7 @@ from flax_detector import workdir as workdir_module
 from flax_detector.checkpoint import Checkpointer, Topology, abstract_with_shardings
 from flax_detector.data.folder import skipped_lines
 from flax_detector.data.sources import class_counts
-from flax_detector.models import create_model, init_variables, view_averaged_log_probs
+from flax_detector.models import average_view_log_probs, create_model, init_variables
 from flax_detector.preemption import PreemptionGuard
 
 
@@ -129,29 +131,57 @@ def train_step(
   return new_state, step_metrics
 
 
-def eval_step(
-  state: TrainState, batch: dict[str, jax.Array], *, class_weights: np.ndarray
+def eval_logits(state: TrainState, images: jax.Array) -> jax.Array:
+  """float32[b, classes] logits of one view of each image of a global eval batch, uint8[b, S, S, 3]."""
+  return state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, images, train=False)
+
+
+def eval_metrics(
+  view_logits: tuple[jax.Array, ...], labels: jax.Array, mask: jax.Array, *, class_weights: np.ndarray
 ) -> tuple[metrics.EvalMetrics, dict[str, jax.Array]]:
   """Metrics of a global eval batch, each image classified by its views' averaged log-probabilities.
 
   Also returns the per-example log-probabilities with their labels and mask, which the
   calibration and the report need; they are a few floats per image.
   """
-  log_probs = view_averaged_log_probs(
-    state.apply_fn, {"params": state.params, "batch_stats": state.batch_stats}, batch["image"]
-  )
+  log_probs = average_view_log_probs(jnp.stack(view_logits, axis=1))
   _, per_example_loss, example_weight = losses.weighted_cross_entropy(
-    log_probs, batch["label"], jnp.asarray(class_weights), batch["mask"]
+    log_probs, labels, jnp.asarray(class_weights), mask
   )
   batch_metrics = metrics.EvalMetrics.single_from_model_output(
     logits=log_probs,
-    labels=batch["label"],
-    mask=batch["mask"],
+    labels=labels,
+    mask=mask,
     per_example_loss=per_example_loss,
     example_weight=example_weight,
   )
-  scores = {"log_probs": log_probs, "label": batch["label"], "mask": batch["mask"]}
-  return batch_metrics, scores
+  return batch_metrics, {"log_probs": log_probs, "label": labels, "mask": mask}
+
+
+def _split_views(images: jax.Array) -> tuple[jax.Array, ...]:
+  """uint8[b, views, S, S, 3] as `views` arrays of uint8[b, S, S, 3], each split over the data axis like `images`."""
+  return tuple(images[:, view] for view in range(images.shape[1]))
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalStep:
+  """Scores a global eval batch of [b, views, S, S, 3] through one compiled forward pass per view.
+
+  The forward pass is compiled for one view of the batch, [b, S, S, 3], whatever the grid: periodic
+  validation (1 view), the final test and the calibration (eval_grid**2 views) share one compiled
+  program instead of compiling the network once per grid, and b crops per call run as fast per crop
+  on a CPU as b * views. Only the small view split and the metrics compile per grid.
+  """
+
+  logits: Callable[[TrainState, jax.Array], jax.Array]
+  metrics: Callable[..., tuple[metrics.EvalMetrics, dict[str, jax.Array]]]
+  split_views: Callable[[jax.Array], tuple[jax.Array, ...]]
+
+  def __call__(
+    self, state: TrainState, batch: dict[str, jax.Array]
+  ) -> tuple[metrics.EvalMetrics, dict[str, jax.Array]]:
+    view_logits = tuple(self.logits(state, view) for view in self.split_views(batch["image"]))
+    return self.metrics(view_logits, batch["label"], batch["mask"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,36 +193,51 @@ class Scores:
 
 
 class Evaluator:
-  """Scores one split, as often as asked, through the same Grain worker processes.
+  """Scores a planned sequence of split passes through one set of Grain worker processes.
 
-  Starting workers costs about a second, more than scoring a small validation split on a CPU. With
-  `reuse`, the iterator runs over the split's padded batches repeated without end and each call takes
-  exactly one pass, so every evaluation sees the same batches in the same order and the workers
-  prepare the next evaluation's first batches while training goes on.
+  Starting workers costs about a second, more than scoring a small validation split on a CPU, and
+  they start lazily, at the first batch asked for. So the first batch is asked for on a thread as
+  soon as the Evaluator exists (the workers start while training is still being set up), and one
+  iterator runs over every planned pass: each call scores the next pass. With `reuse`, the passes
+  repeat without end, so every periodic evaluation sees the same batches in the same order and the
+  workers prepare the next evaluation's first batches while training goes on.
   """
 
   def __init__(
     self,
-    eval_step: Callable[..., tuple[metrics.EvalMetrics, dict[str, jax.Array]]],
-    dataset: grain.MapDataset,
+    eval_step: EvalStep,
+    passes: Sequence[grain.MapDataset],
     data: ml_collections.ConfigDict,
     batch_sharding: jax.sharding.NamedSharding,
     *,
     reuse: bool,
   ):
     self._eval_step, self._batch_sharding = eval_step, batch_sharding
-    self._num_batches = len(dataset)
+    lengths = [len(dataset) for dataset in passes]
+    self._pass_lengths = itertools.cycle(lengths) if reuse else iter(lengths)
     self._positive_index = list(data.class_names).index(data.positive_class)
+    dataset = grain.MapDataset.concatenate(list(passes))
     self._iterator = input_pipeline.make_iterator(
       dataset.repeat(None) if reuse else dataset, data.worker_count, data.worker_buffer_size
     )
+    self._starter = futures.ThreadPoolExecutor(max_workers=1)
+    self._first_batch: futures.Future | None = self._starter.submit(next, self._iterator)
+
+  def _next_batch(self) -> dict[str, np.ndarray]:
+    if self._first_batch is None:
+      return next(self._iterator)
+    first, self._first_batch = self._first_batch.result(), None
+    return first
 
   def __call__(self, state: TrainState) -> tuple[dict[str, Any], Scores]:
-    """Runs one pass of the split through the eval step; every example counts exactly once."""
+    """Runs the next planned pass through the eval step; every example of its split counts exactly once."""
+    num_batches = next(self._pass_lengths, None)
+    if num_batches is None:
+      raise RuntimeError("this Evaluator has scored every pass it was planned with")
     accumulated = None
     collected: list[dict[str, jax.Array]] = []
-    for _ in range(self._num_batches):
-      global_batch = sharding.to_global_batch(next(self._iterator), self._batch_sharding)
+    for _ in range(num_batches):
+      global_batch = sharding.to_global_batch(self._next_batch(), self._batch_sharding)
       batch_metrics, batch_scores = self._eval_step(state, global_batch)
       accumulated = batch_metrics if accumulated is None else accumulated.merge(batch_metrics)
       collected.append(batch_scores)
@@ -203,6 +248,9 @@ class Evaluator:
     )
 
   def close(self) -> None:
+    if self._first_batch is not None:
+      futures.wait([self._first_batch])  # the workers it may be starting are then closed with the iterator
+    self._starter.shutdown()
     self._iterator.close()
 
 
@@ -226,17 +274,19 @@ class Experiment:
   abstract_state: TrainState
   state_shardings: Any
   train_step: Callable[..., tuple[TrainState, metrics.TrainMetrics]]
-  eval_step: Callable[..., tuple[metrics.EvalMetrics, dict[str, jax.Array]]]
+  eval_step: EvalStep
 
   @property
   def batch_sharding(self) -> jax.sharding.NamedSharding:
     return sharding.batch_sharding(self.mesh)
 
-  def evaluator(self, split: input_pipeline.ImageSource, *, grid: int, reuse: bool) -> Evaluator:
-    """An Evaluator of `split` with grid x grid views per image; close it when done."""
+  def evaluator(self, splits: Sequence[input_pipeline.ImageSource], *, grid: int, reuse: bool) -> Evaluator:
+    """An Evaluator of one pass per split, in order, with grid x grid views per image; close it when done."""
     settings = dataclasses.replace(input_pipeline.EvalSettings.from_config(self.config), grid=grid)
-    dataset = input_pipeline.eval_dataset(split, settings, jax.process_index(), jax.process_count())
-    return Evaluator(self.eval_step, dataset, self.config.data, self.batch_sharding, reuse=reuse)
+    passes = [
+      input_pipeline.eval_dataset(split, settings, jax.process_index(), jax.process_count()) for split in splits
+    ]
+    return Evaluator(self.eval_step, passes, self.config.data, self.batch_sharding, reuse=reuse)
 
 
 def _with_crop_size(config: ml_collections.ConfigDict, splits: input_pipeline.Splits) -> ml_collections.ConfigDict:
@@ -317,10 +367,14 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: epath.Path | No
       out_shardings=(state_shardings, replicated),
       donate_argnums=0,
     ),
-    eval_step=jax.jit(
-      functools.partial(eval_step, class_weights=class_weights),
-      in_shardings=(state_shardings, batch_sharding),
-      out_shardings=(replicated, replicated),
+    eval_step=EvalStep(
+      logits=jax.jit(eval_logits, in_shardings=(state_shardings, batch_sharding), out_shardings=batch_sharding),
+      metrics=jax.jit(
+        functools.partial(eval_metrics, class_weights=class_weights),
+        in_shardings=(batch_sharding, batch_sharding, batch_sharding),
+        out_shardings=(replicated, replicated),
+      ),
+      split_views=jax.jit(_split_views, in_shardings=batch_sharding, out_shardings=batch_sharding),
     ),
   )
 
@@ -397,10 +451,12 @@ def _train(
   validation: Evaluator | None,
   checkpointer: Checkpointer,
   writer: metric_writers.MetricWriter,
-) -> tuple[TrainState, bool]:
-  """Runs steps up to experiment.last_step; returns (state, whether a preemption stopped it).
+) -> tuple[TrainState, bool, Scores | None]:
+  """Runs steps up to experiment.last_step; returns (state, whether a preemption stopped it, scores).
 
-  `validation` (None without a validation split) scores the validation split every eval_every_steps.
+  `validation` (None without a validation split) scores the validation split every eval_every_steps
+  and at the last step; the scores are that last validation's (None when it did not run), which the
+  calibration can reuse when they are at eval_grid.
 
   Raises errors.RunStoppedError when the training loss turns NaN or infinite.
   """
@@ -410,6 +466,7 @@ def _train(
   train_metrics = None
   step = int(jax.device_get(state.step))
   unlogged_from = step + 1  # the first step train_metrics holds
+  last_scores = None
   with PreemptionGuard(checkpointer) as preemption:
     while step < experiment.last_step:
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -428,7 +485,8 @@ def _train(
       if validation is not None and (step % eval_every == 0 or is_last):
         with report_progress.timed("eval"):
           start = time.monotonic()
-          summary, _ = validation(state)
+          summary, scores = validation(state)
+          last_scores = scores if is_last else None
           logging.info("Validation at step %d took %.1f s", step, time.monotonic() - start)
         writer.write_scalars(step, {k: v for k, v in summary.items() if k.startswith("eval_")})
       stop = preemption.should_stop(step)
@@ -440,8 +498,8 @@ def _train(
         checkpointer.save(step, state, train_iterator, force=True)
       if stop:
         logging.warning("Preempted at step %d: checkpoint saved; run the same command again to resume.", step)
-        return state, True
-  return state, False
+        return state, True, None
+  return state, False, last_scores
 
 
 def _audit_data(experiment: Experiment, workdir: epath.Path) -> None:
@@ -476,44 +534,55 @@ def _audit_data(experiment: Experiment, workdir: epath.Path) -> None:
     logging.warning("!" * 100)
 
 
-def _evaluate_once(
-  experiment: Experiment, state: TrainState, split: input_pipeline.ImageSource
+def _score_pass(
+  evaluator: Evaluator, state: TrainState, split: input_pipeline.ImageSource, grid: int
 ) -> tuple[dict[str, Any], Scores]:
-  """`split` scored once with the data.eval_grid views that the reported numbers are defined on."""
+  """The evaluator's next pass, which scores `split` with grid x grid views, timed in the log."""
   start = time.monotonic()
-  with contextlib.closing(experiment.evaluator(split, grid=experiment.config.data.eval_grid, reuse=False)) as once:
-    result = once(state)
-  logging.info(
-    "Scored %d images (%d views each) in %.1f s",
-    len(split),
-    experiment.config.data.eval_grid**2,
-    time.monotonic() - start,
-  )
+  result = evaluator(state)
+  logging.info("Scored %d images (%d views each) in %.1f s", len(split), grid**2, time.monotonic() - start)
   return result
 
 
-def _calibrate(experiment: Experiment, state: TrainState, positive_index: int) -> dict[str, Any]:
-  """Temperature and threshold fitted on the validation split (never on test)."""
+def _calibrate(
+  experiment: Experiment, state: TrainState, final_passes: Evaluator, validation_scores: Scores | None
+) -> dict[str, Any]:
+  """Temperature and threshold fitted on the validation split at data.eval_grid (never on test).
+
+  `validation_scores` are those scores when training's last validation already computed them (its
+  periodic_eval_grid is eval_grid); otherwise `final_passes` scores the validation split now.
+  """
+  config = experiment.config
   if not len(experiment.splits.validation):
     return {
       "temperature": 1.0,
       "threshold": 0.5,
       "fitted_on": "nothing: data.val_fraction=0 leaves no validation split, so scores are uncalibrated",
     }
-  _, scores = _evaluate_once(experiment, state, experiment.splits.validation)
-  return report.fit_calibration(scores.log_probs, scores.labels, positive_index)
+  if validation_scores is None:
+    _, validation_scores = _score_pass(final_passes, state, experiment.splits.validation, config.data.eval_grid)
+  positive_index = list(config.data.class_names).index(config.data.positive_class)
+  return report.fit_calibration(validation_scores.log_probs, validation_scores.labels, positive_index)
 
 
 def _final_evaluation(
-  experiment: Experiment, state: TrainState, workdir: epath.Path, writer: metric_writers.MetricWriter
+  experiment: Experiment,
+  state: TrainState,
+  final_passes: Evaluator,
+  validation_scores: Scores | None,
+  workdir: epath.Path,
+  writer: metric_writers.MetricWriter,
 ) -> dict[str, Any]:
-  """Test metrics, the calibration fitted on validation, and the test split's figures in TensorBoard."""
+  """Test metrics, the calibration fitted on validation, and the test split's figures in TensorBoard.
+
+  `final_passes` scores the test split, then (unless `validation_scores`, see _calibrate) the validation split.
+  """
   config = experiment.config
   class_names = list(config.data.class_names)
   positive_index = class_names.index(config.data.positive_class)
   step = int(jax.device_get(state.step))
-  final, test_scores = _evaluate_once(experiment, state, experiment.splits.test)
-  fitted_calibration = _calibrate(experiment, state, positive_index)
+  final, test_scores = _score_pass(final_passes, state, experiment.splits.test, config.data.eval_grid)
+  fitted_calibration = _calibrate(experiment, state, final_passes, validation_scores)
   fitted = report.Calibration(fitted_calibration["temperature"], fitted_calibration["threshold"])
   final.update(
     split="test",
@@ -586,17 +655,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state, train_iterator = _restore_or_initialize(experiment, checkpointer)
     cleanup.callback(train_iterator.close)
     _log_start(experiment, state, workdir_path, writer)
-    validation = None
-    if len(experiment.splits.validation):
+    validation, splits, data = None, experiment.splits, experiment.config.data
+    if len(splits.validation):
       validation = cleanup.enter_context(
-        contextlib.closing(
-          experiment.evaluator(experiment.splits.validation, grid=experiment.config.data.periodic_eval_grid, reuse=True)
-        )
+        contextlib.closing(experiment.evaluator([splits.validation], grid=data.periodic_eval_grid, reuse=True))
       )
-    state, preempted = _train(experiment, state, train_iterator, validation, checkpointer, writer)
+    # The test split, then the validation split for the calibration: these workers too start now,
+    # while the train step compiles, and have the first test batches ready when training ends.
+    final_splits = [splits.test] + ([splits.validation] if len(splits.validation) else [])
+    final_passes = cleanup.enter_context(
+      contextlib.closing(experiment.evaluator(final_splits, grid=data.eval_grid, reuse=False))
+    )
+    state, preempted, validation_scores = _train(experiment, state, train_iterator, validation, checkpointer, writer)
     if preempted:
       return None
-    final = _final_evaluation(experiment, state, workdir_path, writer)
+    shared = validation_scores if data.periodic_eval_grid == data.eval_grid else None
+    final = _final_evaluation(experiment, state, final_passes, shared, workdir_path, writer)
     checkpointer.wait_until_finished()  # the checkpoint final_metrics.json names is on disk first
   if is_chief:
     workdir_module.write_json(workdir_path / workdir_module.FINAL_METRICS, final)

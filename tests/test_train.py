@@ -1,4 +1,5 @@
 import contextlib
+import dataclasses
 import functools
 import json
 import multiprocessing
@@ -10,9 +11,9 @@ import optax
 import pytest
 from local_jobs import read_scalars
 
-from flax_detector import input_pipeline, train
+from flax_detector import input_pipeline, report, sharding, train
 from flax_detector.checkpoint import restore_model_variables
-from flax_detector.models import create_model
+from flax_detector.models import create_model, view_averaged_log_probs
 
 FIXED_SCALARS = (
   "train_loss",
@@ -126,9 +127,9 @@ def test_a_reused_evaluator_keeps_its_workers_and_scores_every_pass_alike(make_c
   experiment = train.build_experiment(make_config(data__worker_count=1))
   state = jax.jit(experiment.init_state, out_shardings=experiment.state_shardings)()
   split, grid = experiment.splits.test, experiment.config.data.eval_grid
-  with contextlib.closing(experiment.evaluator(split, grid=grid, reuse=False)) as once:
+  with contextlib.closing(experiment.evaluator([split], grid=grid, reuse=False)) as once:
     expected, expected_scores = once(state)
-  with contextlib.closing(experiment.evaluator(split, grid=grid, reuse=True)) as reused:
+  with contextlib.closing(experiment.evaluator([split], grid=grid, reuse=True)) as reused:
     workers = None
     for _ in range(3):
       summary, scores = reused(state)
@@ -136,3 +137,58 @@ def test_a_reused_evaluator_keeps_its_workers_and_scores_every_pass_alike(make_c
       np.testing.assert_array_equal(scores.log_probs, expected_scores.log_probs)
       workers = workers or set(multiprocessing.active_children())
       assert workers and set(multiprocessing.active_children()) == workers  # no worker started or stopped
+
+
+def test_the_eval_step_scores_each_view_through_one_compiled_forward_pass(make_config):
+  """Per-view calls give the whole batch's view-averaged scores, and every grid uses the same compiled forward."""
+  experiment = train.build_experiment(make_config())
+  state = jax.jit(experiment.init_state, out_shardings=experiment.state_shardings)()
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  for grid in (1, 2):
+    settings = dataclasses.replace(input_pipeline.EvalSettings.from_config(experiment.config), grid=grid)
+    local = input_pipeline.eval_dataset(experiment.splits.test, settings, 0, 1)[0]
+    _, scores = experiment.eval_step(state, sharding.to_global_batch(local, experiment.batch_sharding))
+    whole_batch = jax.jit(lambda variables, images: view_averaged_log_probs(state.apply_fn, variables, images))
+    np.testing.assert_allclose(scores["log_probs"], whole_batch(variables, local["image"]), rtol=1e-5, atol=1e-6)
+  assert experiment.eval_step.logits._cache_size() == 1  # pylint: disable=protected-access
+
+
+def test_one_evaluator_scores_its_planned_passes_in_order(make_config):
+  """The final evaluation's test pass, then its validation pass, as separate one-off evaluators score them."""
+  experiment = train.build_experiment(make_config())
+  state = jax.jit(experiment.init_state, out_shardings=experiment.state_shardings)()
+  splits, grid = experiment.splits, experiment.config.data.eval_grid
+  with contextlib.closing(experiment.evaluator([splits.test, splits.validation], grid=grid, reuse=False)) as both:
+    for split in (splits.test, splits.validation):
+      with contextlib.closing(experiment.evaluator([split], grid=grid, reuse=False)) as alone:
+        expected, expected_scores = alone(state)
+      summary, scores = both(state)
+      assert summary == expected and summary["num_examples"] == len(split)
+      np.testing.assert_array_equal(scores.log_probs, expected_scores.log_probs)
+    with pytest.raises(RuntimeError, match="every pass"):
+      both(state)
+
+
+def test_calibration_reuses_the_last_validation_when_it_is_at_eval_grid(make_config, tmp_path, monkeypatch):
+  """With periodic_eval_grid == eval_grid the validation split is scored once at the end, same calibration."""
+  scored = []
+  score_pass = train._score_pass  # pylint: disable=protected-access
+
+  def counting(evaluator, state, split, grid):
+    scored.append(len(split))
+    return score_pass(evaluator, state, split, grid)
+
+  monkeypatch.setattr(train, "_score_pass", counting)
+  config = make_config(num_train_steps=3, data__periodic_eval_grid=2)
+  train.train_and_evaluate(config, str(tmp_path))
+  experiment = train.build_experiment(config)
+  assert scored == [len(experiment.splits.test)]  # the test pass only: no second validation pass
+  state = jax.jit(experiment.init_state, out_shardings=experiment.state_shardings)()
+  abstract = jax.eval_shape(lambda: {"params": state.params, "batch_stats": state.batch_stats})
+  variables, _ = restore_model_variables(tmp_path / "checkpoints", abstract)
+  state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
+  with contextlib.closing(experiment.evaluator([experiment.splits.validation], grid=2, reuse=False)) as once:
+    _, scores = once(state)
+  positive = list(config.data.class_names).index(config.data.positive_class)
+  expected = json.loads(json.dumps(report.fit_calibration(scores.log_probs, scores.labels, positive)))
+  assert json.loads((tmp_path / "calibration.json").read_text()) == expected
