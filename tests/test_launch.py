@@ -27,6 +27,8 @@ SLURM = LAUNCH / "slurm.sbatch"
 LOCAL = LAUNCH / "local_multiprocess.sh"
 COMMON = LAUNCH / "common.sh"  # sourced by slurm.sbatch and local_multiprocess.sh, not run
 SHELL_SCRIPTS = [SLURM, LOCAL]
+# Not a launcher, but a shell script CI should lint all the same: the prepared run for a lent GPU machine.
+GPU_SESSION = ROOT / "benchmarks" / "gpu_session.sh"
 SCRIPTS = [TPU_VM, *SHELL_SCRIPTS]
 GCLOUD_TPU_VM = ("gcloud", "compute", "tpus", "tpu-vm")
 GCLOUD_QUEUED = ("gcloud", "compute", "tpus", "queued-resources")
@@ -114,7 +116,7 @@ def test_scripts_are_executable_and_parse(script):
 def test_shellcheck_is_clean():
   # -x: follow the scripts into the common.sh they source.
   result = subprocess.run(
-    ["shellcheck", "-x", *map(str, [*SHELL_SCRIPTS, COMMON])], capture_output=True, text=True, check=False
+    ["shellcheck", "-x", *map(str, [*SHELL_SCRIPTS, COMMON, GPU_SESSION])], capture_output=True, text=True, check=False
   )
   assert result.returncode == 0, result.stdout
 
