@@ -42,6 +42,10 @@ def start_job(workdir, num_processes: int, devices_per_process: int, flags: Sequ
   env = dict(
     os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}", TF_CPP_MIN_LOG_LEVEL="2"
   )
+  if num_processes > 1:
+    # JAX writes its compilation cache (conftest's) from process 0 only: process 0 would load its programs
+    # while the others compile theirs, and wait for them at the first step past Gloo's 30 s connect timeout.
+    env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
   distributed = []
   port = free_port()
   processes = []
