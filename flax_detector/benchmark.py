@@ -60,9 +60,8 @@ def _run_torch(experiment: Any, mode: str) -> dict[str, Any]:
   return throughput.run_torch_reference(args, FLAGS.torch_timeout)
 
 
-def _step_with_torch(experiment: Any) -> dict[str, Any]:
+def _step_with_torch(experiment: Any, timer: throughput.TrainStepTimer) -> dict[str, Any]:
   """The train step alone, in rounds interleaved with PyTorch eager rounds when --compare_torch."""
-  timer = throughput.TrainStepTimer.create(experiment, FLAGS.warmup)
   best_jax, torch_eager = float("inf"), None
   for _ in range(FLAGS.rounds):
     best_jax = min(best_jax, timer.run(FLAGS.steps))
@@ -103,8 +102,16 @@ def _measure(config: ml_collections.ConfigDict) -> dict[str, Any]:
     "batch_norm": config.model.batch_norm,
     "jax_version": jax.__version__,
   }
-  if "step" in FLAGS.parts:
-    results.update(_step_with_torch(experiment))
+  if "step" in FLAGS.parts or "profile" in FLAGS.parts:
+    # One compiled step serves both parts; it is dropped before the end-to-end run builds its own state.
+    timer = throughput.TrainStepTimer.create(experiment, FLAGS.warmup)
+    if "step" in FLAGS.parts:
+      results.update(_step_with_torch(experiment, timer))
+    if "profile" in FLAGS.parts:
+      times = _profile(timer)
+      results["profile_parts"] = [dataclasses.asdict(entry) for entry in step_profile.by_model_part(times)]
+      results["profile_ops"] = [dataclasses.asdict(entry) for entry in step_profile.longest(times, FLAGS.profile_top)]
+    del timer
   if "e2e" in FLAGS.parts:
     results.update(throughput.measure_end_to_end(config, FLAGS.e2e_steps))
     if "train_images_per_second" in results:
@@ -113,15 +120,10 @@ def _measure(config: ml_collections.ConfigDict) -> dict[str, Any]:
     results.update(throughput.measure_eval_step(experiment, FLAGS.steps, FLAGS.warmup, FLAGS.rounds))
   if "input" in FLAGS.parts:
     results.update(throughput.measure_input(config, FLAGS.steps, FLAGS.warmup))
-  if "profile" in FLAGS.parts:
-    times = _profile(experiment)
-    results["profile_parts"] = [dataclasses.asdict(entry) for entry in step_profile.by_model_part(times)]
-    results["profile_ops"] = [dataclasses.asdict(entry) for entry in step_profile.longest(times, FLAGS.profile_top)]
   return results
 
 
-def _profile(experiment: Any) -> list[step_profile.OpTime]:
-  timer = throughput.TrainStepTimer.create(experiment, FLAGS.warmup)
+def _profile(timer: throughput.TrainStepTimer) -> list[step_profile.OpTime]:
   with tempfile.TemporaryDirectory() as scratch:
     trace_dir = pathlib.Path(FLAGS.profile_dir or scratch)
     return step_profile.profile_train_step(timer, FLAGS.steps, trace_dir)
