@@ -78,9 +78,13 @@ def _score(
 ) -> tuple[np.ndarray, np.ndarray]:
   """(record indices scored, log-probabilities) for every readable record, optionally perturbed first."""
 
+  # The clean pass decodes as training's evaluation did (detector.decoded_side); a perturbation applies to
+  # the file's own pixels, so a perturbed pass decodes them in full.
+  shorter_side = detector.decoded_side if perturb is None else None
+
   def load_image(index: int) -> np.ndarray | None:
     # A file that changed since it was indexed is left out of the report with a warning.
-    image = read_or_skip(lambda: evaluation.source[index][0], "it is left out of the report")
+    image = read_or_skip(lambda: evaluation.source.image(index, shorter_side), "it is left out of the report")
     if image is None:
       return None
     if perturb is not None:
@@ -143,23 +147,23 @@ def _mistakes(
   indices: np.ndarray,
   p_ai: np.ndarray,
   is_ai: np.ndarray,
-  threshold: float,
-  class_names: Sequence[str],
-  positive: int,
+  detector: inference.Detector,
 ) -> list[Mistake]:
-  """The most confident errors, most confident first."""
+  """The detector's most confident errors, most confident first, each image decoded as the detector saw it."""
+  threshold, class_names, positive = detector.calibration.threshold, detector.class_names, detector.positive
   wrong = np.flatnonzero((p_ai >= threshold) != is_ai)
   confidence = np.abs(p_ai[wrong] - threshold)
   negative = 1 - positive
   mistakes = []
   for position in wrong[np.argsort(-confidence, kind="stable")][:NUM_MISTAKES]:
-    image, label = evaluation.source[int(indices[position])]
+    record = int(indices[position])
+    image, label = evaluation.source.image(record, detector.decoded_side), int(evaluation.source.labels[record])
     mistakes.append(
       Mistake(
         image,
         float(p_ai[position]),
         class_names[positive if label == positive else negative],
-        printable(evaluation.source.keys[int(indices[position])]),
+        printable(evaluation.source.keys[record]),
       )
     )
   return mistakes
@@ -246,7 +250,7 @@ def evaluate(
   if with_robustness:
     report_figures.robustness_figure(result["robustness"], out / "robustness.png")
     figures.append("robustness.png")
-  mistakes = _mistakes(evaluation, indices, p_ai, labels == positive, detector.calibration.threshold, names, positive)
+  mistakes = _mistakes(evaluation, indices, p_ai, labels == positive, detector)
   result["mistakes"] = _mistake_figures(detector, mistakes, out)
   figures += [MISTAKES_FIGURE, GRADCAM_FIGURE]
   workdir_layout.write_json(out / "report.json", result)

@@ -49,8 +49,13 @@ class Detector:
   def positive(self) -> int:
     return self.class_names.index(self.config.data.positive_class)
 
+  @property
+  def decoded_side(self) -> int | None:
+    """The shorter side to decode images to (preprocess.decoded_side): None keeps every native pixel."""
+    return preprocess.decoded_side(self.config.image_size, self.config.data.preprocess)
+
   def views(self, image: np.ndarray) -> np.ndarray:
-    """The evaluation views of a decoded image, exactly as training evaluated: uint8[V, S, S, 3]."""
+    """The evaluation views of an image decoded at decoded_side, as training evaluated: uint8[V, S, S, 3]."""
     data = self.config.data
     return preprocess.eval_transform(image, self.config.image_size, data.preprocess, data.get("eval_grid", 1))
 

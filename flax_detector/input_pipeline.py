@@ -54,12 +54,6 @@ class Splits:
     return [info for folder in self.folders.values() for info in folder.skipped]
 
 
-def decoded_side(image_size: int, preprocess_mode: str) -> int | None:
-  """The shorter side a source scales images to while decoding: image_size under "resize" (a JPEG is then
-  decoded at reduced scale, see decode.decode_image); None under "crop", which keeps every native pixel."""
-  return image_size if preprocess_mode == "resize" else None
-
-
 @dataclasses.dataclass(frozen=True)
 class SourceSettings:
   """Where a run's images come from: the data.* fields that decide the three splits."""
@@ -72,7 +66,7 @@ class SourceSettings:
   synthetic_sizes: tuple[int, int]  # records in the synthetic train and test splits
   synthetic_sides: tuple[int, int]  # smallest and largest synthetic image side
   cache_decoded: bool = False  # decode train/ (and its validation share) once, into shared memory
-  decoded_side: int | None = None  # decoded_side(...): the shorter side images are scaled to while decoding
+  decoded_side: int | None = None  # preprocess.decoded_side(...): the shorter side images are scaled to while decoding
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "SourceSettings":
@@ -86,7 +80,7 @@ class SourceSettings:
       (data.synthetic_train_size, data.synthetic_test_size),
       (data.synthetic_min_side, data.synthetic_max_side),
       data.cache_decoded,
-      decoded_side(config.image_size, data.preprocess),
+      preprocess.decoded_side(config.image_size, data.preprocess),
     )
 
   def index_options(self, workdir: epath.Path | None, process_index: int) -> IndexOptions:
@@ -189,8 +183,8 @@ class _RecordAndEpoch(grain.transforms.MapWithIndex):
 
 
 def _read_or_skip(source: ImageSource, index: int, image_size: int, mode: str) -> np.ndarray | None:
-  """The decoded image (see decoded_side), or None with a warning naming the file when it cannot be read."""
-  shorter_side = decoded_side(image_size, mode)
+  """The decoded image (see preprocess.decoded_side), or None with a warning naming the file when it cannot be read."""
+  shorter_side = preprocess.decoded_side(image_size, mode)
   return read_or_skip(lambda: source.image(index, shorter_side), "it is masked out of its batch and skipped")
 
 

@@ -77,13 +77,14 @@ def _warn_on_stderr(message: str) -> None:
 
 
 def _image_loader(detector: inference.Detector):
+  """Reads a path as training's evaluation read its images (at detector.decoded_side), refusing oversized ones."""
   max_pixels = detector.config.data.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
 
   def read_checked(path: str) -> np.ndarray:
     info = probe_file(path, max_pixels, decode=False)  # refuses an oversized image before decoding it
     if not info.ok:
       raise UnreadableImageError(f"{printable(path)}: {info.error}")
-    return read_image(path)
+    return read_image(path, detector.decoded_side)
 
   def load_image(path: str) -> np.ndarray | None:
     return read_or_skip(lambda: read_checked(path), "skipped", warn=_warn_on_stderr)

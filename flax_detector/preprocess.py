@@ -66,6 +66,13 @@ def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
   return max(size, round(height * scale)), max(size, round(width * scale))
 
 
+def decoded_side(image_size: int, preprocess_mode: str) -> int | None:
+  """The shorter side images are scaled to while decoding: image_size under "resize" (a JPEG is then decoded at
+  reduced scale, see data.decode.decode_image); None under "crop", which keeps every native pixel. Training,
+  its evaluation, `evaluate` and `predict` all decode this way, so they see the same pixels."""
+  return image_size if preprocess_mode == "resize" else None
+
+
 def resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
   height, width = resized_shape(*image.shape[:2], size)
   return np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BICUBIC))

@@ -1,13 +1,16 @@
 import csv
 import io
 import json
+import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
-from flax_detector import predict
+from flax_detector import evaluate, inference, input_pipeline, predict, report
+from flax_detector.data.folder import ImageFolderSource
 from flax_detector.data.synthetic import SyntheticSource
 
 
@@ -106,3 +109,38 @@ def test_explain_writes_one_overlay_png_per_image_named_after_it(trained_workdir
   with open(plain, newline="") as stream:
     plain_p_ai = {row["path"]: float(row["p_ai"]) for row in csv.DictReader(stream)}
   assert {row["path"]: float(row["p_ai"]) for row in rows} == pytest.approx(plain_p_ai, abs=1e-5)
+
+
+def test_predict_and_evaluate_score_the_pixels_training_evaluated_under_resize(trained_workdir, tmp_path):
+  """Under data.preprocess="resize" the input pipeline decodes a large JPEG at reduced scale; predict and
+  evaluate must score those pixels too, not a full decode resized afterwards (a train/serve skew)."""
+  workdir = tmp_path / "run"
+  shutil.copytree(trained_workdir, workdir)
+  config = json.loads((workdir / "config.json").read_text())
+  config["data"]["preprocess"] = "resize"
+  (workdir / "config.json").write_text(json.dumps(config))
+  folder, rng = tmp_path / "test", np.random.default_rng(0)
+  for label in config["data"]["class_names"]:
+    (folder / label).mkdir(parents=True)
+    for index in range(2):  # 200 px shorter side for 32-px views: libjpeg decodes at 1/4 scale
+      small = Image.fromarray(rng.integers(0, 256, (30, 25, 3), dtype=np.uint8))
+      small.resize((200, 240), Image.Resampling.BICUBIC).save(folder / label / f"{index}.jpg", quality=90)
+
+  detector = inference.load_detector(workdir)
+  source = ImageFolderSource(str(tmp_path), "test", detector.class_names)
+  settings = input_pipeline.EvalSettings.from_config(detector.config)
+  pipeline_views = list(input_pipeline.eval_dataset(source, settings, 0, 1)[0]["image"][: len(source)])
+  full_decode_views = [detector.views(source[index][0]) for index in range(len(source))]
+  assert not any(np.array_equal(a, b) for a, b in zip(pipeline_views, full_decode_views))  # the decode matters
+  expected_log_probs = detector.log_probs(pipeline_views)
+  expected_p_ai = detector.calibration.probabilities(expected_log_probs)[:, detector.positive]
+
+  csv_path = tmp_path / "predictions.csv"
+  predict.predict(str(workdir), [str(folder)], str(csv_path), None)
+  with open(csv_path, newline="") as stream:
+    p_ai = {row["path"]: row["p_ai"] for row in csv.DictReader(stream)}
+  assert [p_ai[path] for path in source.paths] == [f"{p:.6f}" for p in expected_p_ai]
+
+  result = evaluate.evaluate(str(workdir), str(folder), str(tmp_path / "report"), with_robustness=False)
+  summary = report.summarize_scores(expected_log_probs, source.labels, detector.positive, detector.calibration)
+  assert {key: result[key] for key in summary} == summary
