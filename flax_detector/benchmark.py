@@ -23,7 +23,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flax_detector import config_validation, distributed, step_profile, throughput
+from flax_detector import config_validation, distributed, host_allocator, step_profile, throughput
 
 PARTS = ("step", "e2e", "eval", "input", "profile")
 
@@ -163,6 +163,7 @@ def main(argv: list[str]) -> None:
   unknown = sorted(set(FLAGS.parts) - set(PARTS))
   if unknown:
     raise app.UsageError(f"--parts: unknown {unknown}; choose from {','.join(PARTS)}")
+  host_allocator.keep_freed_memory_mapped()  # before JAX starts, as training does
   distributed.initialize(None, None, None)
   results = _measure(config_validation.validate(FLAGS.config))
   logging.info("Benchmark: %s", results)

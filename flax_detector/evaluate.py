@@ -25,6 +25,7 @@ from flax_detector import (
   audit,
   errors,
   gradcam,
+  host_allocator,
   inference,
   input_pipeline,
   report,
@@ -279,6 +280,7 @@ def _define_flags() -> None:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  host_allocator.keep_freed_memory_mapped()  # before JAX starts
   if not FLAGS.verbose:
     inference.quiet_library_logs()
   try:

@@ -1,0 +1,48 @@
+"""Keeps the memory XLA:CPU frees mapped for its next use: each step otherwise faults in its buffers anew.
+
+XLA:CPU allocates a compiled program's temporary buffer (68 MB for the `cpu` preset's train step, more for
+larger models) and its outputs with malloc on every execution and frees them after. glibc serves requests
+above 32 MB, and any request a thread's own arena cannot hold (64 MB), with a fresh mmap, and gives the
+pages back with munmap on free. So every step faulted in and zeroed ~16,600 pages again: about 40 ms of
+kernel time per step of the `cpu` preset, a step that takes 110 ms on 2 cores.
+
+With every thread on glibc's main heap, no mmap for large requests and no trimming of its top, a freed
+buffer is reused by the next step: 0 page faults per step, the train step 15-30% faster on this CPU.
+The cost is that memory the process frees stays reserved for it instead of going back to the OS, so its
+resident size stays near its peak: the right trade for a process that trains, evaluates or predicts.
+
+It applies only where it helps: glibc on Linux (mallopt does not exist on macOS or musl), and only when
+JAX will compute on the CPU (no accelerator plugin installed, or JAX_PLATFORMS=cpu), because one arena
+for every thread could slow the many host threads of an accelerator job. Call it before JAX starts its
+CPU backend: threads that already have an arena keep it.
+"""
+
+import ctypes
+import importlib.metadata
+import importlib.util
+import os
+import platform
+
+# mallopt parameters, from glibc's malloc.h.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_M_ARENA_MAX = -8
+_NEVER_TRIM = 2**31 - 1  # the largest int mallopt takes: the heap's top is never given back
+
+
+def jax_computes_on_cpu() -> bool:
+  """Whether JAX will pick its CPU backend, decided without starting any backend."""
+  platforms = os.environ.get("JAX_PLATFORMS", "")
+  if platforms:
+    return platforms.split(",")[0].strip() == "cpu"
+  plugins = importlib.metadata.entry_points(group="jax_plugins")
+  return not plugins and importlib.util.find_spec("jax_plugins") is None and importlib.util.find_spec("libtpu") is None
+
+
+def keep_freed_memory_mapped() -> bool:
+  """Sets glibc's allocator as the module docstring explains, when JAX computes on the CPU; whether it did."""
+  if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or not jax_computes_on_cpu():
+    return False
+  libc = ctypes.CDLL(None)
+  settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER_TRIM))
+  return all(libc.mallopt(parameter, value) == 1 for parameter, value in settings)
