@@ -46,9 +46,11 @@ def test_a_freed_output_is_reused_instead_of_faulted_in_again():
   assert tuned["faults_per_call"] < 500
 
 
-def test_it_applies_only_when_jax_computes_on_the_cpu(monkeypatch):
+def test_it_applies_only_when_jax_computes_on_the_cpu_and_can_be_turned_off(monkeypatch):
   monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
   assert not host_allocator.jax_computes_on_cpu()
   assert not host_allocator.keep_freed_memory_mapped()
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   assert host_allocator.jax_computes_on_cpu()
+  monkeypatch.setenv(host_allocator.OPT_OUT_VARIABLE, "0")
+  assert not host_allocator.keep_freed_memory_mapped()
