@@ -6,7 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flax_detector.models import VGG16, adaptive_avg_pool, max_pool_2x2, view_averaged_log_probs
+from flax_detector.models import (
+  LAST_CONV_FEATURES,
+  VGG16,
+  adaptive_avg_pool,
+  init_variables,
+  max_pool_2x2,
+  view_averaged_log_probs,
+)
 
 
 def _param_count(model: VGG16, side: int = 224) -> int:
@@ -98,3 +105,34 @@ def test_cpu_max_pool_matches_flax_max_pool_and_its_gradient(side):
     rtol=1e-6,
     atol=1e-7,
   )
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 5e-2)])
+def test_evaluation_folds_batch_norm_into_the_convolutions_within_float_rounding(dtype, tolerance):
+  """Evaluation computes conv + BatchNorm as one convolution; a training pass with frozen features still
+  normalises in two steps with the same running statistics: their outputs agree to float rounding."""
+  model = VGG16(batch_norm=True, width_multiplier=1 / 16, dropout_rate=0.0, dtype=dtype)
+  variables = init_variables(model, 32, jax.random.PRNGKey(0))
+  keys = iter(jax.random.split(jax.random.PRNGKey(1), 64))
+  # Statistics and affine parameters far from 0 and 1, so that folding them in changes every kernel.
+  variables["batch_stats"] = jax.tree.map(
+    lambda a: a + jax.random.uniform(next(keys), a.shape, minval=0.2, maxval=1.0), variables["batch_stats"]
+  )
+  variables["params"] = {
+    name: jax.tree.map(lambda a: a + 0.3 * jax.random.normal(next(keys), a.shape), layer)
+    if name.startswith("BatchNorm")
+    else layer
+    for name, layer in variables["params"].items()
+  }
+  images = jax.random.randint(jax.random.PRNGKey(2), (4, 32, 32, 3), 0, 256).astype(jnp.uint8)
+
+  def last_features_and_logits(module, train):
+    logits, state = module.apply(variables, images, train=train, mutable=["intermediates"])
+    return state["intermediates"][LAST_CONV_FEATURES][0].astype(jnp.float32), logits
+
+  folded = last_features_and_logits(model, train=False)
+  two_step = last_features_and_logits(model.clone(frozen_features=True), train=True)
+  scale = float(jnp.max(jnp.abs(two_step[0])))
+  assert scale > 0.1  # the features are not all zero: the comparison means something
+  np.testing.assert_allclose(folded[0], two_step[0], rtol=tolerance, atol=tolerance * scale)
+  np.testing.assert_allclose(folded[1], two_step[1], rtol=tolerance, atol=tolerance * 1e-2)
