@@ -7,7 +7,8 @@ pages back with munmap on free. So every step faulted in and zeroed ~16,600 page
 kernel time per step of the `cpu` preset, a step that takes 110 ms on 2 cores.
 
 With every thread on glibc's main heap, no mmap for large requests and no trimming of its top, a freed
-buffer is reused by the next step: 0 page faults per step, the train step 15-30% faster on this CPU.
+buffer is reused by the next step: 0 page faults per step, the train step 8-26% faster on a 2-core CPU
+(benchmarks/RESULTS.md).
 The cost is that memory the process frees stays reserved for it instead of going back to the OS, so its
 resident size stays near its peak: the right trade for a process that trains, evaluates or predicts.
 FLAX_DETECTOR_KEEP_FREED_MEMORY=0 in the environment turns it off.
