@@ -11,7 +11,9 @@ import pytest
 from flax_detector import host_allocator
 
 # Runs in a fresh process (the allocator settings are process-wide and must precede JAX's CPU backend): a
-# jitted program whose 80 MB output is freed after each call, and the page faults per call once warm.
+# jitted program whose 80 MB output is freed after each call, and the fewest page faults of one call once
+# warm. The runtime frees an output a call or more late, later under load, so some calls still grow the
+# heap; the fewest shows whether a freed buffer is ever reused (glibc's defaults never reuse it).
 _FAULTS_PER_CALL = """
 import json, resource, sys
 from flax_detector import host_allocator
@@ -21,11 +23,12 @@ add_one = jax.jit(lambda x: x + 1)
 x = jnp.zeros(20_000_000, jnp.float32)
 for _ in range(10):  # the runtime frees an output a few calls late: reach the steady state first
   add_one(x).block_until_ready()
-start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
+faults = []
+for _ in range(10):
+  start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   add_one(x).block_until_ready()
-faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) / 5
-print(json.dumps({"applied": applied, "faults_per_call": faults}))
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
+print(json.dumps({"applied": applied, "fewest_faults_in_a_call": min(faults)}))
 """
 
 
@@ -42,8 +45,8 @@ def test_a_freed_output_is_reused_instead_of_faulted_in_again():
   default, tuned = _faults_per_call("default"), _faults_per_call("tuned")
   assert tuned["applied"]
   # 80 MB is 19,531 pages: glibc's default maps and unmaps them on every call.
-  assert default["faults_per_call"] > 15_000
-  assert tuned["faults_per_call"] < 500
+  assert default["fewest_faults_in_a_call"] > 15_000
+  assert tuned["fewest_faults_in_a_call"] < 500
 
 
 def test_it_applies_only_when_jax_computes_on_the_cpu_and_can_be_turned_off(monkeypatch):
