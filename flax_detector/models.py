@@ -68,7 +68,7 @@ def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
   return x.reshape(batch, height // 2, 2, width // 2, 2, channels).max(axis=(2, 4))
 
 
-def conv_with_folded_batch_norm(conv: nn.Conv, norm: nn.BatchNorm, x: jnp.ndarray, dtype: Any) -> jnp.ndarray:
+def conv_with_folded_batch_norm(conv: nn.Conv, norm: nn.BatchNorm, x: jnp.ndarray) -> jnp.ndarray:
   """norm(conv(x)) for a BatchNorm on its running statistics, computed as one convolution.
 
   The statistics are folded into the kernel and bias (kernel * s, (bias - mean) * s + beta with
@@ -80,12 +80,10 @@ def conv_with_folded_batch_norm(conv: nn.Conv, norm: nn.BatchNorm, x: jnp.ndarra
   conv_params, norm_params = conv.variables["params"], norm.variables["params"]
   statistics = norm.variables["batch_stats"]
   scale = norm_params["scale"] * jax.lax.rsqrt(statistics["var"] + norm.epsilon)
-  kernel = (conv_params["kernel"] * scale).astype(dtype)
-  bias = ((conv_params["bias"] - statistics["mean"]) * scale + norm_params["bias"]).astype(dtype)
-  y = jax.lax.conv_general_dilated(
-    x.astype(dtype), kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
-  )
-  return y + bias
+  kernel = conv_params["kernel"] * scale
+  bias = (conv_params["bias"] - statistics["mean"]) * scale + norm_params["bias"]
+  # The same convolution (padding, layout, dtype) as `conv`, only with the folded parameters.
+  return conv.clone(parent=None).apply({"params": {"kernel": kernel, "bias": bias}}, x)
 
 
 class VGG16(nn.Module):
@@ -123,7 +121,7 @@ class VGG16(nn.Module):
             use_running_average=not train or self.frozen_features, momentum=0.9, epsilon=1e-5, dtype=self.dtype
           )
           evaluating = not train and not self.is_initializing()
-          x = conv_with_folded_batch_norm(conv, norm, x, self.dtype) if evaluating else norm(conv(x))
+          x = conv_with_folded_batch_norm(conv, norm, x) if evaluating else norm(conv(x))
         x = nn.relu(x)
       if index == len(self.stages) - 1:
         self.sow("intermediates", LAST_CONV_FEATURES, x)
