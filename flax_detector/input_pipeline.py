@@ -24,7 +24,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from flax_detector import preprocess, worker_lifetime
+from flax_detector import preprocess, shared_memory_release, worker_lifetime
 from flax_detector import workdir as workdir_layout
 from flax_detector.config_validation import MIN_IMAGE_SIZE
 from flax_detector.data import array_record
@@ -317,11 +317,13 @@ def make_iterator(
   at most `worker_buffer_size` ready. Grain's default ReadOptions would run 16 threads per process
   that read up to 500 batches ahead: on a small CPU they take the cores the step needs, and over an
   endlessly repeated eval split they would decode it again and again, unasked. The workers exit
-  when this process dies, even by SIGKILL (see worker_lifetime).
+  when this process dies, even by SIGKILL (see worker_lifetime), and the batches they send are
+  released on the thread that drops them (see shared_memory_release).
   """
   read_options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=worker_buffer_size)
   iter_dataset = dataset[start:].to_iter_dataset(read_options)
   if worker_count > 0:
+    shared_memory_release.release_on_the_dropping_thread()
     iter_dataset = iter_dataset.mp_prefetch(
       grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=worker_buffer_size),
       worker_init_fn=worker_lifetime.worker_init_fn(),
