@@ -653,20 +653,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       )
     )
     state, train_iterator = _restore_or_initialize(experiment, checkpointer)
-    cleanup.callback(train_iterator.close)
-    _log_start(experiment, state, workdir_path, writer)
-    validation, splits, data = None, experiment.splits, experiment.config.data
-    if len(splits.validation):
-      validation = cleanup.enter_context(
-        contextlib.closing(experiment.evaluator([splits.validation], grid=data.periodic_eval_grid, reuse=True))
+    # Training's inputs close when training ends, so their Grain workers (each about 0.33 GB of its own memory,
+    # 0.76 GB resident, for the cpu preset) are gone before the final passes run, not idle beside them.
+    with contextlib.ExitStack() as training_inputs:
+      training_inputs.callback(train_iterator.close)
+      _log_start(experiment, state, workdir_path, writer)
+      validation, splits, data = None, experiment.splits, experiment.config.data
+      if len(splits.validation):
+        validation = training_inputs.enter_context(
+          contextlib.closing(experiment.evaluator([splits.validation], grid=data.periodic_eval_grid, reuse=True))
+        )
+      # The test split, then the validation split for the calibration: these workers too start now,
+      # while the train step compiles, and have the first test batches ready when training ends.
+      final_splits = [splits.test] + ([splits.validation] if len(splits.validation) else [])
+      final_passes = cleanup.enter_context(
+        contextlib.closing(experiment.evaluator(final_splits, grid=data.eval_grid, reuse=False))
       )
-    # The test split, then the validation split for the calibration: these workers too start now,
-    # while the train step compiles, and have the first test batches ready when training ends.
-    final_splits = [splits.test] + ([splits.validation] if len(splits.validation) else [])
-    final_passes = cleanup.enter_context(
-      contextlib.closing(experiment.evaluator(final_splits, grid=data.eval_grid, reuse=False))
-    )
-    state, preempted, validation_scores = _train(experiment, state, train_iterator, validation, checkpointer, writer)
+      state, preempted, validation_scores = _train(experiment, state, train_iterator, validation, checkpointer, writer)
     if preempted:
       return None
     shared = validation_scores if data.periodic_eval_grid == data.eval_grid else None
