@@ -318,12 +318,12 @@ def make_iterator(
   that read up to 500 batches ahead: on a small CPU they take the cores the step needs, and over an
   endlessly repeated eval split they would decode it again and again, unasked. The workers exit
   when this process dies, even by SIGKILL (see worker_lifetime), and the batches they send are
-  released on the thread that drops them (see shared_memory_release).
+  closed exactly once (see shared_memory_release).
   """
   read_options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=worker_buffer_size)
   iter_dataset = dataset[start:].to_iter_dataset(read_options)
   if worker_count > 0:
-    shared_memory_release.release_on_the_dropping_thread()
+    shared_memory_release.close_each_batch_once()
     iter_dataset = iter_dataset.mp_prefetch(
       grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=worker_buffer_size),
       worker_init_fn=worker_lifetime.worker_init_fn(),

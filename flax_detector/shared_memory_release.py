@@ -1,31 +1,35 @@
-"""Grain's shared-memory batches are released on the thread that drops them, never on a helper thread.
+"""Each Grain shared-memory batch is closed exactly once: by its own finalizer, never also by Grain's helper thread.
 
-Grain's worker processes hand each batch to this process in POSIX shared memory, and
-`SharedMemoryArray.__del__` normally passes the close and unlink to a helper thread. That is only
-safe while batches die by reference counting. Grain leaves the last batch of every finite pass in
-a reference cycle (the StopIteration that ends the pass keeps its prefetch thread's frame, which
-holds the batch), so Python's cyclic collector frees it, and the collector also finalizes the
-batch's `multiprocessing.shared_memory.SharedMemory`, whose own `__del__` closes the same file
-descriptor while the helper thread closes it. `SharedMemory.close` is not thread-safe: both
-threads can pass its `fd >= 0` check, and the second `close` then lands on whatever the number was
-given next, for example the descriptor of the next batch's `shm_open` (the run failed with EBADF
-in `os.fstat`), or a checkpoint or event file being written. strace counted 4 to 9 such double
-closes in one resumed test run (`close(...) = -1 EBADF`); with the release synchronous, none.
+Grain's worker processes hand each batch to this process in POSIX shared memory. When a batch is
+dropped, `SharedMemoryArray.__del__` passes its `multiprocessing.shared_memory.SharedMemory` to a
+helper thread that closes and unlinks it, and the `SharedMemory`'s own `__del__` closes it again
+when it dies. One after the other the second close does nothing; at the same time they race, since
+`SharedMemory.close` is not thread-safe (both threads pass its `fd >= 0` check). They run at the
+same time when the batch dies in Python's cyclic collector, which finalizes every object of a cycle
+at once, and Grain leaves the last batch of every finite pass in a cycle (the StopIteration that
+ends the pass keeps its prefetch thread's frame, which holds the batch). The losing close lands on
+whatever the descriptor number was given next: the next batch's `shm_open` (a training test failed
+with EBADF in `os.fstat`), or a checkpoint or event file being written. strace counted 4 to 9
+`close(...) = -1 EBADF` in one resumed test run.
 
-Released on the dropping thread, both closes run one after the other and the second does nothing.
-The cost is that thread's munmap and unlink: about 1 ms for a 128 x 224 x 224 x 3 uint8 batch.
+So the helper thread only unlinks (by name, which is safe beside a close), and the close is left to
+the finalizer, which Python runs once per object: when the helper drops its reference (still off the
+thread that dropped the batch), or in the collector. Releasing everything synchronously instead
+would also be safe, but costs the dropping thread ~4.5 ms per 128 x 224 x 224 x 3 uint8 batch.
 """
+
+from multiprocessing import shared_memory
 
 import grain.multiprocessing
 
 
-def _stay_synchronous(cls: type, num_threads: int = 1, max_outstanding_requests: int = 50) -> None:
-  """Replaces `SharedMemoryArray.enable_async_del`, which Grain calls each time it starts a worker."""
-  del cls, num_threads, max_outstanding_requests
+def _unlink_and_leave_the_close_to_the_finalizer(cls: type, shm: shared_memory.SharedMemory, unlink: bool) -> None:
+  """Replaces `SharedMemoryArray.close_shm_async`, the task Grain's helper thread runs for a dropped batch."""
+  if unlink:
+    shm.unlink()
+  cls._outstanding_del_requests.release()  # pylint: disable=protected-access -- as Grain's own task does
 
 
-def release_on_the_dropping_thread() -> None:
-  """Makes every Grain shared-memory batch of this process close and unlink when it is dropped (idempotent)."""
-  array_type = grain.multiprocessing.SharedMemoryArray
-  array_type.enable_async_del = classmethod(_stay_synchronous)
-  array_type._disable_async_del()  # pylint: disable=protected-access -- Grain's own switch back to synchronous
+def close_each_batch_once() -> None:
+  """Makes Grain's helper thread stop closing the batches it releases, in this process (idempotent)."""
+  grain.multiprocessing.SharedMemoryArray.close_shm_async = classmethod(_unlink_and_leave_the_close_to_the_finalizer)
