@@ -9,6 +9,7 @@ recently used beyond 4 GiB. A program read back is the one compiled, so results 
 JAX_COMPILATION_CACHE_DIR, when set, wins: a shared folder, or empty to turn the cache off.
 """
 
+import importlib.util
 import os
 import pathlib
 
@@ -30,4 +31,7 @@ def keep_compiled_programs() -> None:
   if "JAX_COMPILATION_CACHE_DIR" in os.environ:
     return
   jax.config.update("jax_compilation_cache_dir", str(default_dir()))
-  jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
+  # Eviction needs filelock (a dependency), and JAX raises at the first compilation without it; an
+  # install made with --no-deps (the GPU image's, ../shared/gpu) then keeps every program instead.
+  if importlib.util.find_spec("filelock") is not None:
+    jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
