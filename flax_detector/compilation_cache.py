@@ -1,7 +1,7 @@
 """Compiled XLA programs stay on disk between runs, so a resumed or repeated run does not compile them again.
 
-A run compiles its parameter initialization, train step and eval forward before the first step: 25 s
-of the `cpu` preset's quick start on a 2-core CPU, and more for full VGG16 on an accelerator. A run
+A run compiles its parameter initialization, train step and evaluation before using them: 18 s of a
+54 s, 40-step `cpu`-preset run on a 2-core CPU, and more for full VGG16 on an accelerator. A run
 resumed after a preemption, the same command run again, and `evaluate` or `predict` on a trained run
 compile the same programs. JAX's persistent compilation cache keeps them (programs that took at least
 a second to compile) in ~/.cache/flax_detector/jax (under $XDG_CACHE_HOME when set), evicting the least
