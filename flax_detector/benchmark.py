@@ -23,7 +23,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flax_detector import config_validation, distributed, host_allocator, step_profile, throughput
+from flax_detector import compilation, config_validation, distributed, host_allocator, step_profile, throughput
 
 PARTS = ("step", "e2e", "eval", "input", "profile")
 
@@ -164,6 +164,7 @@ def main(argv: list[str]) -> None:
   if unknown:
     raise app.UsageError(f"--parts: unknown {unknown}; choose from {','.join(PARTS)}")
   host_allocator.keep_freed_memory_mapped()  # before JAX starts, as training does
+  compilation.generate_cpu_code_at_o2()
   distributed.initialize(None, None, None)
   results = _measure(config_validation.validate(FLAGS.config))
   logging.info("Benchmark: %s", results)

@@ -23,7 +23,7 @@ from PIL import Image
 
 from flax_detector import (
   audit,
-  compilation_cache,
+  compilation,
   errors,
   gradcam,
   host_allocator,
@@ -282,7 +282,8 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   host_allocator.keep_freed_memory_mapped()  # before JAX starts
-  compilation_cache.keep_compiled_programs()
+  compilation.keep_compiled_programs()
+  compilation.generate_cpu_code_at_o2()
   if not FLAGS.verbose:
     inference.quiet_library_logs()
   try:

@@ -21,7 +21,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flax_detector import compilation_cache, distributed, errors, host_allocator, library_logs, run_lock
+from flax_detector import compilation, distributed, errors, host_allocator, library_logs, run_lock
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events and final_metrics.json.")
@@ -124,7 +124,8 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   host_allocator.keep_freed_memory_mapped()  # before JAX starts
-  compilation_cache.keep_compiled_programs()
+  compilation.keep_compiled_programs()
+  compilation.generate_cpu_code_at_o2()
   if not FLAGS.verbose:
     library_logs.hide_library_logs(keep_from=logging.logging.WARNING)
   # A Grain batch still in flight when an iterator closes is unlinked at exit by multiprocessing's resource

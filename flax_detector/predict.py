@@ -27,7 +27,7 @@ from absl import app, flags
 from etils import epath
 from PIL import Image
 
-from flax_detector import compilation_cache, errors, gradcam, host_allocator, inference
+from flax_detector import compilation, errors, gradcam, host_allocator, inference
 from flax_detector.data.decode import UnreadableImageError, read_image, read_or_skip
 from flax_detector.data.folder import DEFAULT_MAX_IMAGE_PIXELS, list_images
 from flax_detector.data.probe import printable, probe_file
@@ -186,7 +186,8 @@ def _define_flags() -> None:
 
 def main(argv: list[str]) -> None:
   host_allocator.keep_freed_memory_mapped()  # before JAX starts
-  compilation_cache.keep_compiled_programs()
+  compilation.keep_compiled_programs()
+  compilation.generate_cpu_code_at_o2()
   paths = argv[1:]
   if not paths:
     raise app.UsageError("Give one or more image files or folders to classify.")

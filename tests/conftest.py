@@ -22,9 +22,10 @@ import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from configs.vgg16 import get_config  # pylint: disable=g-import-not-at-top,wrong-import-position
-from flax_detector import host_allocator  # pylint: disable=g-import-not-at-top,wrong-import-position
+from flax_detector import compilation, host_allocator  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 host_allocator.keep_freed_memory_mapped()  # as every command does, before JAX starts its CPU backend
+compilation.generate_cpu_code_at_o2()
 
 # Grain defines absl flags and reads them in its worker processes; under pytest nobody parses them.
 flags.FLAGS.mark_as_parsed()

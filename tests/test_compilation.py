@@ -1,16 +1,20 @@
-"""The CLIs keep compiled programs on disk between runs (flax_detector.compilation_cache)."""
+"""What the commands set before JAX compiles (flax_detector.compilation)."""
 
 import json
 import os
 import subprocess
 import sys
 
+import pytest
+
+from flax_detector import compilation, host_allocator
+
 _COMPILE_AND_COUNT_CACHE_HITS = """
 import json
 import jax
 import jax.numpy as jnp
-from flax_detector import compilation_cache
-compilation_cache.keep_compiled_programs()
+from flax_detector import compilation
+compilation.keep_compiled_programs()
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # this program compiles in milliseconds
 hits = []
 jax.monitoring.register_event_listener(
@@ -45,3 +49,26 @@ def test_an_empty_jax_compilation_cache_dir_turns_the_cache_off(tmp_path):
   env = _environment(tmp_path, JAX_COMPILATION_CACHE_DIR="")
   assert [_run_in_a_fresh_process(env)["cache_hits"] for _ in range(2)] == [0, 0]
   assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize(
+  ("xla_flags", "on_cpu", "expected"),
+  [
+    (
+      "--xla_force_host_platform_device_count=8",
+      True,
+      "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=2",
+    ),
+    ("--xla_backend_optimization_level=3", True, "--xla_backend_optimization_level=3"),  # the user's level wins
+    ("", False, ""),  # an accelerator's code keeps XLA's default
+  ],
+)
+def test_cpu_code_is_generated_at_o2_unless_a_level_is_set(monkeypatch, xla_flags, on_cpu, expected):
+  monkeypatch.setenv("XLA_FLAGS", xla_flags)
+  monkeypatch.setattr(host_allocator, "jax_computes_on_cpu", lambda: on_cpu)
+  assert compilation.generate_cpu_code_at_o2() == (expected != xla_flags)
+  assert os.environ["XLA_FLAGS"] == expected
+
+
+def test_this_test_session_compiles_at_o2_as_the_commands_do():
+  assert "--xla_backend_optimization_level=2" in os.environ["XLA_FLAGS"].split()
