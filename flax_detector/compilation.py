@@ -22,6 +22,7 @@ import os
 import pathlib
 
 import jax
+from absl import logging
 
 from flax_detector import host_allocator
 
@@ -42,7 +43,18 @@ def keep_compiled_programs() -> None:
   """
   if "JAX_COMPILATION_CACHE_DIR" in os.environ:
     return
-  jax.config.update("jax_compilation_cache_dir", str(default_cache_dir()))
+  directory = default_cache_dir()
+  try:
+    directory.mkdir(parents=True, exist_ok=True)
+  except OSError as error:  # else JAX warns at every compilation that it cannot read the cache
+    logging.warning(
+      "Compiled programs are not kept between runs: cannot create %s (%s). Set JAX_COMPILATION_CACHE_DIR to a "
+      "writable folder, or to nothing to silence this.",
+      directory,
+      error,
+    )
+    return
+  jax.config.update("jax_compilation_cache_dir", str(directory))
   # Eviction needs filelock (a dependency), and JAX raises at the first compilation without it; an
   # install made with --no-deps (the GPU image's, ../shared/gpu) then keeps every program instead.
   if importlib.util.find_spec("filelock") is not None:

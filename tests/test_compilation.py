@@ -25,10 +25,13 @@ print(json.dumps({"value": value, "cache_hits": len(hits)}))
 """
 
 
-def _run_in_a_fresh_process(env: dict[str, str]) -> dict:
-  done = subprocess.run(
+def _run_in_a_fresh_process(env: dict[str, str]) -> subprocess.CompletedProcess:
+  return subprocess.run(
     [sys.executable, "-c", _COMPILE_AND_COUNT_CACHE_HITS], env=env, capture_output=True, text=True, check=True
   )
+
+
+def _reported(done: subprocess.CompletedProcess) -> dict:
   return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -39,7 +42,7 @@ def _environment(tmp_path, **overrides: str) -> dict[str, str]:
 
 def test_a_second_process_reads_the_program_the_first_compiled(tmp_path):
   env = _environment(tmp_path)
-  first, second = _run_in_a_fresh_process(env), _run_in_a_fresh_process(env)
+  first, second = _reported(_run_in_a_fresh_process(env)), _reported(_run_in_a_fresh_process(env))
   assert first["cache_hits"] == 0 and second["cache_hits"] >= 1
   assert second["value"] == first["value"]
   assert any((tmp_path / "cache" / "flax_detector" / "jax").iterdir())
@@ -47,8 +50,18 @@ def test_a_second_process_reads_the_program_the_first_compiled(tmp_path):
 
 def test_an_empty_jax_compilation_cache_dir_turns_the_cache_off(tmp_path):
   env = _environment(tmp_path, JAX_COMPILATION_CACHE_DIR="")
-  assert [_run_in_a_fresh_process(env)["cache_hits"] for _ in range(2)] == [0, 0]
+  assert [_reported(_run_in_a_fresh_process(env))["cache_hits"] for _ in range(2)] == [0, 0]
   assert not (tmp_path / "cache").exists()
+
+
+def test_an_unwritable_cache_folder_is_one_warning_and_no_cache(tmp_path):
+  """Not a warning at every compilation that the cache cannot be read."""
+  (tmp_path / "a_file").write_text("")
+  env = _environment(tmp_path, XDG_CACHE_HOME=str(tmp_path / "a_file"))
+  done = _run_in_a_fresh_process(env)
+  assert _reported(done)["cache_hits"] == 0
+  assert done.stderr.count("Compiled programs are not kept between runs: cannot create") == 1
+  assert "persistent compilation cache" not in done.stderr
 
 
 @pytest.mark.parametrize(
