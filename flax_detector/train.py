@@ -663,17 +663,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         validation = training_inputs.enter_context(
           contextlib.closing(experiment.evaluator([splits.validation], grid=data.periodic_eval_grid, reuse=True))
         )
-      # The test split, then the validation split for the calibration: these workers too start now,
-      # while the train step compiles, and have the first test batches ready when training ends.
-      final_splits = [splits.test] + ([splits.validation] if len(splits.validation) else [])
+      # The calibration reuses training's last validation when that one scores at eval_grid and runs at all
+      # (training has a step left to end on); otherwise the final passes score the validation split too.
+      reuse_last_validation = (
+        validation is not None
+        and data.periodic_eval_grid == data.eval_grid
+        and int(jax.device_get(state.step)) < experiment.last_step
+      )
+      # The test split, then (unless reused) the validation split: these workers too start now, while the
+      # train step compiles, and have the first test batches ready when training ends.
+      final_splits = [splits.test]
+      if validation is not None and not reuse_last_validation:
+        final_splits.append(splits.validation)
       final_passes = cleanup.enter_context(
         contextlib.closing(experiment.evaluator(final_splits, grid=data.eval_grid, reuse=False))
       )
       state, preempted, validation_scores = _train(experiment, state, train_iterator, validation, checkpointer, writer)
     if preempted:
       return None
-    shared = validation_scores if data.periodic_eval_grid == data.eval_grid else None
-    final = _final_evaluation(experiment, state, final_passes, shared, workdir_path, writer)
+    reused = validation_scores if reuse_last_validation else None
+    final = _final_evaluation(experiment, state, final_passes, reused, workdir_path, writer)
     checkpointer.wait_until_finished()  # the checkpoint final_metrics.json names is on disk first
   if is_chief:
     workdir_module.write_json(workdir_path / workdir_module.FINAL_METRICS, final)

@@ -198,19 +198,35 @@ def test_one_evaluator_scores_its_planned_passes_in_order(make_config):
 
 
 def test_calibration_reuses_the_last_validation_when_it_is_at_eval_grid(make_config, tmp_path, monkeypatch):
-  """With periodic_eval_grid == eval_grid the validation split is scored once at the end, same calibration."""
-  scored = []
-  score_pass = train._score_pass  # pylint: disable=protected-access
+  """With periodic_eval_grid == eval_grid the validation split is scored once at the end, same calibration.
+
+  The final passes then plan the test split alone, so their workers decode no validation batch; a run
+  resumed after its last step (no validation left to reuse) plans and scores the validation split again.
+  """
+  scored, planned = [], []
+  score_pass, evaluator = train._score_pass, train.Experiment.evaluator  # pylint: disable=protected-access
 
   def counting(evaluator, state, split, grid):
     scored.append(len(split))
     return score_pass(evaluator, state, split, grid)
 
+  def noting_final_plans(self, splits, *, grid, reuse):
+    if not reuse:
+      planned.append([len(split) for split in splits])
+    return evaluator(self, splits, grid=grid, reuse=reuse)
+
   monkeypatch.setattr(train, "_score_pass", counting)
+  monkeypatch.setattr(train.Experiment, "evaluator", noting_final_plans)
   config = make_config(num_train_steps=3, data__periodic_eval_grid=2)
   train.train_and_evaluate(config, str(tmp_path))
   experiment = train.build_experiment(config)
-  assert scored == [len(experiment.splits.test)]  # the test pass only: no second validation pass
+  test_size, validation_size = len(experiment.splits.test), len(experiment.splits.validation)
+  assert scored == [test_size]  # the test pass only: no second validation pass
+  assert planned == [[test_size]]
+  calibration = json.loads((tmp_path / "calibration.json").read_text())
+  train.train_and_evaluate(config, str(tmp_path))  # every step done: nothing to reuse
+  assert planned[1:] == [[test_size, validation_size]] and scored[1:] == [test_size, validation_size]
+  assert json.loads((tmp_path / "calibration.json").read_text()) == calibration
   state = jax.jit(experiment.init_state, out_shardings=experiment.state_shardings)()
   abstract = jax.eval_shape(lambda: {"params": state.params, "batch_stats": state.batch_stats})
   variables, _ = restore_model_variables(tmp_path / "checkpoints", abstract)
