@@ -7,6 +7,15 @@ module sums those durations per instruction over a few steps and names each one 
 was lowered from (the `op_name` XLA keeps in the instruction's metadata), so a table of the top entries
 says "BatchNorm_3 backward, 12%" instead of a kernel name. The raw trace stays in the directory given,
 for TensorBoard's profile plugin or Perfetto.
+
+On CPU an op's own trace event is not its duration. XLA:CPU launches some ops and returns at once: its
+own (Eigen) convolutions, which take every convolution YNNPACK does not (those with at most 16 feature
+channels: the `cpu` preset's first four layers), and loops split over its thread pool. Their events last
+microseconds while the work goes on for milliseconds; the thunk executor marks the moment each op
+completes with an `end: <op>` event. So on CPU an op is in flight from its launch to that event, and
+every moment of the trace is split evenly among the ops in flight then: ops that run at once on XLA's
+threads share the time, and the ops' times add up to the steps' wall time. Where a trace has no `end:`
+events (GPU kernels are timed as they run), each event's own duration is the op's time.
 """
 
 import collections
@@ -24,6 +33,7 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(?P<op>[\w.\-]+) = ")
 _OP_NAME = re.compile(r"metadata=\{op_name=\"(?P<source>[^\"]*)\"")
 _ROOT = re.compile(r"^\s*ROOT %[\w.\-]+ = (?P<shape>\S+) (?P<opcode>[\w\-]+)\(")
 _CALLS = re.compile(r"calls=%(?P<computation>[\w.\-]+)")
+_COMPLETION = "end: "  # XLA:CPU's thunk executor: the event "end: <op>" marks the moment <op> completed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,15 +84,61 @@ def _trace_events(trace_dir: pathlib.Path) -> list[dict[str, Any]]:
   return trace["traceEvents"] if isinstance(trace, dict) else trace
 
 
-def op_times(events: list[dict[str, Any]], module: str, steps: int, sources: dict[str, str]) -> list[OpTime]:
-  """Time per step of each instruction of the compiled `module` in the trace, longest first."""
-  totals: collections.Counter[str] = collections.Counter()
+def in_flight_intervals(events: list[dict[str, Any]], module: str) -> list[tuple[float, float, str]]:
+  """(start, end, op) in microseconds for each execution of an instruction of `module`: launch to `end: op`.
+
+  An execution without an `end:` event of its own (none in the trace, or fewer than its launches) ends
+  with its launch event.
+  """
+  launches: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
+  completions: dict[str, list[float]] = collections.defaultdict(list)
   for event in events:
-    args = event.get("args") or {}
-    if event.get("ph") == "X" and module in str(args.get("hlo_module", "")) and args.get("hlo_op"):
-      totals[args["hlo_op"]] += float(event.get("dur", 0.0)) * 1e-6
+    if event.get("ph") != "X":
+      continue
+    args, start = event.get("args") or {}, float(event.get("ts", 0.0))
+    if module in str(args.get("hlo_module", "")) and args.get("hlo_op"):
+      launches[args["hlo_op"]].append((start, start + float(event.get("dur", 0.0))))
+    elif str(event.get("name", "")).startswith(_COMPLETION):
+      completions[event["name"].removeprefix(_COMPLETION)].append(start + float(event.get("dur", 0.0)))
+  intervals = []
+  for op, runs in launches.items():
+    runs.sort()
+    ends = sorted(completions.get(op, []))
+    complete = len(ends) == len(runs) and all(start <= end for (start, _), end in zip(runs, ends, strict=True))
+    intervals += [(start, ends[i] if complete else own_end, op) for i, (start, own_end) in enumerate(runs)]
+  return intervals
+
+
+def split_among_ops_in_flight(intervals: list[tuple[float, float, str]]) -> collections.Counter[str]:
+  """Microseconds per op when every moment is shared evenly among the ops in flight at that moment."""
+  boundaries = sorted({time for start, end, _ in intervals for time in (start, end)})
+  starting: dict[float, list[str]] = collections.defaultdict(list)
+  ending: dict[float, list[str]] = collections.defaultdict(list)
+  for start, end, op in intervals:
+    if end > start:
+      starting[start].append(op)
+      ending[end].append(op)
+  shares: collections.Counter[str] = collections.Counter()
+  in_flight: collections.Counter[str] = collections.Counter()  # op -> executions in flight, none kept at 0
+  for time, following in zip(boundaries, boundaries[1:], strict=False):
+    in_flight.update(starting[time])
+    for op in ending[time]:
+      in_flight[op] -= 1
+      if not in_flight[op]:
+        del in_flight[op]
+    count = in_flight.total()
+    for op, running in in_flight.items():
+      shares[op] += (following - time) * running / count
+  return shares
+
+
+def op_times(events: list[dict[str, Any]], module: str, steps: int, sources: dict[str, str]) -> list[OpTime]:
+  """Time per step of each instruction of the compiled `module` in the trace, longest first (module docstring)."""
+  totals = split_among_ops_in_flight(in_flight_intervals(events, module))
   overall = sum(totals.values()) or 1.0
-  return [OpTime(op, seconds / steps, seconds / overall, sources.get(op, "")) for op, seconds in totals.most_common()]
+  return [
+    OpTime(op, micros * 1e-6 / steps, micros / overall, sources.get(op, "")) for op, micros in totals.most_common()
+  ]
 
 
 def profile_train_step(timer: Any, steps: int, trace_dir: pathlib.Path) -> list[OpTime]:

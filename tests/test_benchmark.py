@@ -96,3 +96,16 @@ def test_end_to_end_rate_comes_from_the_real_loop(make_config, monkeypatch):
 def test_end_to_end_needs_two_logged_losses(make_config):
   with pytest.raises(ValueError, match="log_every_steps"):
     throughput.measure_end_to_end(make_config(log_every_steps=100), steps=3)
+
+
+def test_conv_kernels_times_each_of_vgg16s_convolutions_once():
+  from benchmarks import conv_kernels  # pylint: disable=g-import-not-at-top
+
+  shapes = conv_kernels.model_convolutions(width_multiplier=0.125, image_size=64)
+  assert sum(shapes.values()) == 13  # VGG16's 13 convolutions, shapes shared by several layers counted once
+  assert shapes[(3, 8, 64)] == 1 and shapes[(64, 64, 8)] == 2 and shapes[(64, 64, 4)] == 3
+  runs, kernels = conv_kernels.jax_pieces(2, (4, 4, 8), "float32")
+  best = conv_kernels.measure({"jax": runs}, rounds=2)
+  assert set(kernels) == set(conv_kernels.PIECES) and set(kernels.values()) <= {"YNNPACK", "Eigen"}
+  assert set(best["jax"]) == set(conv_kernels.PIECES)
+  assert all(0 < milliseconds < float("inf") for milliseconds in best["jax"].values())

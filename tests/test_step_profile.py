@@ -35,6 +35,34 @@ def test_model_part_tells_direction_and_layer():
   assert step_profile.model_part("jit(train_step)/mul") == "loss, optimizer and the rest"
 
 
+def _launch(op, start, duration, module="jit_train_step"):
+  return {"ph": "X", "ts": start, "dur": duration, "name": op, "args": {"hlo_module": module, "hlo_op": op}}
+
+
+def _completion(op, at):
+  return {"ph": "X", "ts": at, "dur": 0.0, "name": f"end: {op}", "args": {}}
+
+
+def test_an_op_is_in_flight_from_its_launch_to_its_end_event():
+  events = [
+    _launch("conv.1", 0.0, 0.1),  # launched, then runs on the thread pool until its end event
+    _launch("add.2", 1.0, 2.0),
+    _completion("add.2", 3.0),
+    _completion("conv.1", 8.0),
+    _launch("mul.3", 9.0, 1.0),  # no end event: its own event is its time
+    _launch("conv.1", 20.0, 0.1, module="jit_other"),  # another program's op of the same name
+  ]
+  intervals = sorted(step_profile.in_flight_intervals(events, "train_step"))
+  assert intervals == [(0.0, 8.0, "conv.1"), (1.0, 3.0, "add.2"), (9.0, 10.0, "mul.3")]
+
+
+def test_time_is_split_evenly_among_the_ops_in_flight():
+  shares = step_profile.split_among_ops_in_flight([(0.0, 8.0, "conv.1"), (1.0, 3.0, "add.2"), (9.0, 10.0, "mul.3")])
+  # conv alone 0-1 and 3-8, shared with add 1-3; nothing in flight 8-9.
+  assert shares == {"conv.1": 1.0 + 1.0 + 5.0, "add.2": 1.0, "mul.3": 1.0}
+  assert sum(shares.values()) == 9.0  # the time some op was in flight: 0-8 and 9-10
+
+
 def test_profile_of_the_train_step_accounts_for_its_ops(make_config, tmp_path):
   experiment = train.build_experiment(config_validation.validate(make_config()))
   timer = throughput.TrainStepTimer.create(experiment, warmup=1)
