@@ -1,4 +1,4 @@
-"""Each Grain shared-memory batch is closed exactly once: by its own finalizer, never also by Grain's helper thread.
+"""Grain's shared-memory batches: each closed exactly once, and none left behind by a finished pass.
 
 Grain's worker processes hand each batch to this process in POSIX shared memory. When a batch is
 dropped, `SharedMemoryArray.__del__` passes its `multiprocessing.shared_memory.SharedMemory` to a
@@ -18,6 +18,7 @@ thread that dropped the batch), or in the collector. Releasing everything synchr
 would also be safe, but costs the dropping thread ~4.5 ms per 128 x 224 x 224 x 3 uint8 batch.
 """
 
+import gc
 from multiprocessing import shared_memory
 
 import grain.multiprocessing
@@ -33,3 +34,13 @@ def _unlink_and_leave_the_close_to_the_finalizer(cls: type, shm: shared_memory.S
 def close_each_batch_once() -> None:
   """Makes Grain's helper thread stop closing the batches it releases, in this process (idempotent)."""
   grain.multiprocessing.SharedMemoryArray.close_shm_async = classmethod(_unlink_and_leave_the_close_to_the_finalizer)
+
+
+def release_finished_passes() -> None:
+  """Frees, now, the batches a finished Grain pass left in a reference cycle (see the module docstring).
+
+  Until a full collection finds it, such a batch keeps its shared memory: the size of one batch (for an
+  evaluation, views x batch x crop), and at exit multiprocessing's resource tracker unlinks it with a
+  warning of "leaked shared_memory objects". Call it after closing an iterator whose passes ended.
+  """
+  gc.collect()

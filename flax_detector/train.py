@@ -34,6 +34,7 @@ from flax_detector import (
   report,
   report_figures,
   sharding,
+  shared_memory_release,
 )
 from flax_detector import workdir as workdir_module
 from flax_detector.checkpoint import Checkpointer, Topology, abstract_with_shardings
@@ -252,6 +253,7 @@ class Evaluator:
       futures.wait([self._first_batch])  # the workers it may be starting are then closed with the iterator
     self._starter.shutdown()
     self._iterator.close()
+    shared_memory_release.release_finished_passes()
 
 
 def _interval_steps(setting: int, steps_per_epoch: float) -> int:
