@@ -204,7 +204,7 @@ def test_calibration_reuses_the_last_validation_when_it_is_at_eval_grid(make_con
   resumed after its last step (no validation left to reuse) plans and scores the validation split again.
   """
   scored, planned = [], []
-  score_pass, evaluator = train._score_pass, train.Experiment.evaluator  # pylint: disable=protected-access
+  score_pass, plan_evaluator = train._score_pass, train.Experiment.evaluator  # pylint: disable=protected-access
 
   def counting(evaluator, state, split, grid):
     scored.append(len(split))
@@ -213,7 +213,7 @@ def test_calibration_reuses_the_last_validation_when_it_is_at_eval_grid(make_con
   def noting_final_plans(self, splits, *, grid, reuse):
     if not reuse:
       planned.append([len(split) for split in splits])
-    return evaluator(self, splits, grid=grid, reuse=reuse)
+    return plan_evaluator(self, splits, grid=grid, reuse=reuse)
 
   monkeypatch.setattr(train, "_score_pass", counting)
   monkeypatch.setattr(train.Experiment, "evaluator", noting_final_plans)
