@@ -1,4 +1,4 @@
-"""VGG16's 3x3 convolutions one by one, forward and both gradients, in XLA (JAX) and in PyTorch.
+"""VGG16's 3x3 convolutions one by one, forward and both gradients, in XLA, oneDNN (from JAX) and PyTorch.
 
   pip install -e ".[bench]"
   python -m benchmarks.conv_kernels                          # full width at 64 px, batch 32, float32
@@ -10,8 +10,11 @@ calls: XLA's (YNNPACK in jaxlib 0.10.2) and PyTorch's (oneDNN). This times each 
 convolution of the model alone, same shape and dtype, NHWC (channels_last) on both sides, the two sides'
 rounds alternating and the best round of each kept, then sums them over the model's layers. After a jaxlib
 upgrade it says in a minute or two whether the kernels, and so the step comparison of
-`python -m flax_detector.benchmark --compare_torch`, have moved. Both sides share one process, and so
-the trainer's allocator settings (flax_detector.host_allocator). Without PyTorch only the JAX side runs.
+`python -m flax_detector.benchmark --compare_torch`, have moved. With libdnnl installed (".[cpu]") a third
+column times the trainer's oneDNN path (flax_detector.convolution): the same oneDNN kernels PyTorch calls,
+plus the cost of reaching them from a jitted program (a host callback, one copy of each result). All sides
+share one process, and so the trainer's allocator settings (flax_detector.host_allocator). Without PyTorch
+only the JAX sides run.
 """
 
 import argparse
@@ -21,7 +24,7 @@ from collections.abc import Callable
 
 import jax
 
-from flax_detector import compilation, host_allocator
+from flax_detector import compilation, convolution, host_allocator
 from flax_detector.models import VGG16_STAGES, scaled_width
 
 PIECES = ("forward", "input gradient", "weight gradient")
@@ -42,11 +45,11 @@ def model_convolutions(width_multiplier: float, image_size: int) -> collections.
 
 
 def jax_pieces(
-  batch: int, shape: tuple[int, int, int], dtype: str
+  batch: int, shape: tuple[int, int, int], dtype: str, conv_general_dilated: Callable[..., jax.Array]
 ) -> tuple[dict[str, Callable[[], object]], dict[str, str]]:
   """The three pieces as compiled JAX calls on resident arrays (each blocks until its result is ready), and
-  the library XLA gave each: YNNPACK, or its own Eigen convolution (which it keeps for convolutions of at
-  most 16 feature channels in jaxlib 0.10.2)."""
+  the library that computes each: YNNPACK or XLA's own Eigen convolution (which jaxlib 0.10.2 keeps for
+  convolutions of at most 16 feature channels), or oneDNN through flax_detector.convolution's callbacks."""
   cin, cout, side = shape
   keys = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(keys[0], (batch, side, side, cin), dtype)
@@ -54,7 +57,7 @@ def jax_pieces(
   g = jax.random.normal(keys[2], (batch, side, side, cout), dtype)
 
   def conv(x: jax.Array, w: jax.Array) -> jax.Array:
-    return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=_NHWC)
+    return conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_NHWC)
 
   calls = {
     "forward": (conv, (x, w)),
@@ -65,7 +68,8 @@ def jax_pieces(
   for piece, (function, args) in calls.items():
     compiled = jax.jit(function).lower(*args).compile()
     runs[piece] = lambda compiled=compiled, args=args: jax.block_until_ready(compiled(*args))
-    kernels[piece] = "YNNPACK" if "__ynn_fusion" in compiled.as_text() else "Eigen"
+    hlo = compiled.as_text()
+    kernels[piece] = "oneDNN" if "callback" in hlo else "YNNPACK" if "__ynn_fusion" in hlo else "Eigen"
   return runs, kernels
 
 
@@ -127,28 +131,32 @@ def main() -> None:
     print("PyTorch is not installed (pip install -e '.[bench]'): timing the JAX side alone.")
   if torch is not None and args.threads:
     torch.set_num_threads(args.threads)
+  sides = {"XLA": jax.lax.conv_general_dilated}
+  if args.dtype == "float32" and convolution.onednn_unusable_reason() is None:
+    sides["oneDNN"] = convolution.onednn_conv_general_dilated
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", f"torch {torch.__version__}" if torch else "")
-  print(f"batch {args.batch_size}, {args.dtype}, ms per call, best of {args.rounds}: JAX / PyTorch [JAX over PyTorch]")
+  names = [*sides, *(["PyTorch"] if torch else [])]
+  print(f"batch {args.batch_size}, {args.dtype}, ms per call, best of {args.rounds}: {' / '.join(names)}")
   totals = collections.Counter()
   for shape, layers in model_convolutions(args.width_multiplier, args.image_size).items():
-    jax_runs, kernels = jax_pieces(args.batch_size, shape, args.dtype)
-    sides = {"jax": jax_runs}
+    runs, kernels = {}, {}
+    for name, conv_general_dilated in sides.items():
+      runs[name], kernels[name] = jax_pieces(args.batch_size, shape, args.dtype, conv_general_dilated)
     if torch is not None:
-      sides["torch"] = torch_pieces(args.batch_size, shape, args.dtype)
-    best = measure(sides, args.rounds)
+      runs["PyTorch"] = torch_pieces(args.batch_size, shape, args.dtype)
+    best = measure(runs, args.rounds)
     cells = []
     for piece in PIECES:
-      for name in sides:
+      for name in names:
         totals[name] += layers * best[name][piece]
-      ratio = f" [{best['jax'][piece] / best['torch'][piece]:.2f}x]" if torch is not None else ""
-      jax_cell = f"{piece} ({kernels[piece]}) {best['jax'][piece]:.1f}"
-      cells.append(jax_cell + (f" / {best['torch'][piece]:.1f}" if torch else "") + ratio)
+      times = " / ".join(f"{best[name][piece]:.1f}" for name in names)
+      cells.append(f"{piece} ({kernels['XLA'][piece]}) {times}")
     cin, cout, side = shape
     print(f"{cin:>4}->{cout:<4} at {side:>3}px x{layers}: " + ", ".join(cells), flush=True)
-  summary = f"all of the model's convolutions, three pieces each: JAX {totals['jax']:.0f} ms"
+  summary = ", ".join(f"{name} {totals[name]:.0f} ms" for name in names)
+  print(f"all of the model's convolutions, three pieces each: {summary}")
   if torch is not None:
-    summary += f", PyTorch {totals['torch']:.0f} ms ({totals['jax'] / totals['torch']:.2f}x the time)"
-  print(summary)
+    print(", ".join(f"{name} {totals[name] / totals['PyTorch']:.2f}x PyTorch's time" for name in sides))
 
 
 if __name__ == "__main__":

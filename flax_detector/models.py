@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax_detector import convolution
+
 # torchvision's configuration "D": conv widths per stage, each stage ends in a 2x2 max pool.
 VGG16_STAGES: tuple[tuple[int, ...], ...] = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
 CLASSIFIER_WIDTH = 4096
@@ -103,14 +105,23 @@ class VGG16(nn.Module):
   # (BatchNorm on its running statistics, no gradient) and only the classifier learns. Parameters and
   # numerics are unchanged when False.
   frozen_features: bool = False
+  # Which library computes the convolutions: "auto", "xla" or "onednn" (flax_detector.convolution). Not a
+  # parameter: checkpoints are the same whichever computes them.
+  convolutions: str = "xla"
 
   @nn.compact
   def __call__(self, images: jnp.ndarray, *, train: bool) -> jnp.ndarray:
     x = ((images.astype(jnp.float32) - _RGB_MEAN) / _RGB_STD).astype(self.dtype)
+    conv_general_dilated = convolution.conv_general_dilated_for(self.convolutions)
     for index, stage in enumerate(self.stages):
       for width in stage:
         conv = nn.Conv(
-          scaled_width(width, self.width_multiplier), (3, 3), padding=1, kernel_init=_conv_init, dtype=self.dtype
+          scaled_width(width, self.width_multiplier),
+          (3, 3),
+          padding=1,
+          kernel_init=_conv_init,
+          dtype=self.dtype,
+          conv_general_dilated=conv_general_dilated,
         )
         if not self.batch_norm:
           x = conv(x)
@@ -149,6 +160,8 @@ def create_model(model_config: Any, num_classes: int, *, frozen_features: bool =
     dropout_rate=model_config.dropout_rate,
     dtype=jnp.dtype(model_config.dtype),
     frozen_features=frozen_features,
+    # Configs saved before the setting existed (an older run's workdir) get the default.
+    convolutions=model_config.get("convolutions", "auto"),
   )
 
 

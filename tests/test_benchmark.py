@@ -104,7 +104,7 @@ def test_conv_kernels_times_each_of_vgg16s_convolutions_once():
   shapes = conv_kernels.model_convolutions(width_multiplier=0.125, image_size=64)
   assert sum(shapes.values()) == 13  # VGG16's 13 convolutions, shapes shared by several layers counted once
   assert shapes[(3, 8, 64)] == 1 and shapes[(64, 64, 8)] == 2 and shapes[(64, 64, 4)] == 3
-  runs, kernels = conv_kernels.jax_pieces(2, (4, 4, 8), "float32")
+  runs, kernels = conv_kernels.jax_pieces(2, (4, 4, 8), "float32", jax.lax.conv_general_dilated)
   best = conv_kernels.measure({"jax": runs}, rounds=2)
   assert set(kernels) == set(conv_kernels.PIECES) and set(kernels.values()) <= {"YNNPACK", "Eigen"}
   assert set(best["jax"]) == set(conv_kernels.PIECES)

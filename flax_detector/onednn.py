@@ -1,0 +1,357 @@
+"""oneDNN's convolutions on host arrays, called through its C API with ctypes.
+
+Why: on x86 CPUs XLA (jaxlib 0.10.2) runs VGG16's 3x3 convolutions 2.2-2.6x slower than oneDNN, the library
+PyTorch uses (benchmarks/RESULTS.md, `benchmarks/conv_kernels.py`), and its own oneDNN rewriter does not
+claim them. `flax_detector.convolution` calls these kernels from the jitted step on CPU.
+
+The library comes from the `onednn-cpu-gomp` wheel (`pip install -e ".[cpu]"`), which installs
+`libdnnl.so.3` (oneDNN 3.x, GNU OpenMP threads) into the environment's `lib/`. Nothing is compiled: the
+functions used here are oneDNN's stable v3 C API. Format tags are looked up by name at load time; the other
+enum values below are fixed by that API (include/oneapi/dnnl/dnnl_types.h).
+
+Activations are NHWC and kernels HWIO, as in Flax, float32 only. Each primitive lets oneDNN choose the
+kernel layout it runs fastest with (format "any"), and reorders the HWIO kernel into it and the kernel
+gradient back out of it; for the small kernels of VGG16 that reorder costs microseconds, while a kernel
+pinned to HWIO sends the gradients to a slower im2col + GEMM path (3x slower on the cpu preset).
+"""
+
+import ctypes
+import functools
+import os
+import sys
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+LIBRARY_NAME = "libdnnl.so.3"
+_Handle = ctypes.c_void_p
+_Dims = ctypes.c_int64 * 12  # dnnl_dims_t: DNNL_MAX_NDIMS int64 values
+
+_CPU_ENGINE = 1  # dnnl_cpu
+_STREAM_DEFAULT_FLAGS = 1  # dnnl_stream_in_order
+_FLOAT32 = 3  # dnnl_f32
+_FORWARD_TRAINING = 64  # dnnl_forward_training
+_CONVOLUTION_DIRECT = 1  # dnnl_convolution_direct
+_QUERY_IMPLEMENTATION = 8  # dnnl_query_impl_info_str
+_QUERY_WEIGHTS = 131  # dnnl_query_weights_md
+_QUERY_DIFF_WEIGHTS = 132  # dnnl_query_diff_weights_md
+_ARG_SRC, _ARG_DST, _ARG_WEIGHTS = 1, 17, 33
+_ARG_DIFF_SRC, _ARG_DIFF_DST, _ARG_DIFF_WEIGHTS = 129, 145, 161
+
+
+class OneDnnUnavailable(RuntimeError):
+  """libdnnl could not be loaded; the message says what was tried and how to install it."""
+
+
+class _ExecArgument(ctypes.Structure):
+  _fields_ = [("arg", ctypes.c_int), ("memory", _Handle)]
+
+
+def _library_candidates() -> list[str]:
+  explicit = os.environ.get("FLAX_DETECTOR_LIBDNNL")
+  if explicit:
+    return [explicit]
+  return [os.path.join(sys.prefix, "lib", LIBRARY_NAME), LIBRARY_NAME]
+
+
+@functools.cache
+def _library() -> ctypes.CDLL:
+  errors = []
+  for candidate in _library_candidates():
+    try:
+      library = ctypes.CDLL(candidate)
+      break
+    except OSError as error:
+      errors.append(f"{candidate}: {error}")
+  else:
+    raise OneDnnUnavailable(
+      "oneDNN (libdnnl.so.3) is not installed: " + "; ".join(errors) + '. Install it with `pip install -e ".[cpu]"` '
+      "(the onednn-cpu-gomp wheel), point FLAX_DETECTOR_LIBDNNL at a libdnnl.so.3, or set "
+      'model.convolutions = "xla".'
+    )
+  library.dnnl_fmt_tag2str.restype = ctypes.c_char_p
+  library.dnnl_primitive_desc_query_md.restype = _Handle
+  library.dnnl_primitive_desc_query_md.argtypes = [_Handle, ctypes.c_int, ctypes.c_int]
+  library.dnnl_memory_desc_get_size.restype = ctypes.c_size_t
+  library.dnnl_memory_desc_get_size.argtypes = [_Handle]
+  return library
+
+
+def require() -> None:
+  """Loads libdnnl, or raises OneDnnUnavailable saying what was tried and how to install it."""
+  _library()
+
+
+def _check(status: int, call: str) -> None:
+  if status != 0:
+    raise RuntimeError(f"oneDNN {call} failed with dnnl_status_t {status}")
+
+
+@functools.cache
+def _format_tags() -> dict[str, int]:
+  """Format tag values by their oneDNN names (e.g. "acdb" is NHWC), read from the library itself."""
+  library = _library()
+  return {library.dnnl_fmt_tag2str(value).decode(): value for value in range(1024)}
+
+
+@functools.cache
+def _engine_and_stream() -> tuple[_Handle, _Handle]:
+  library = _library()
+  engine, stream = _Handle(), _Handle()
+  _check(library.dnnl_engine_create(ctypes.byref(engine), _CPU_ENGINE, 0), "dnnl_engine_create")
+  _check(library.dnnl_stream_create(ctypes.byref(stream), engine, _STREAM_DEFAULT_FLAGS), "dnnl_stream_create")
+  return engine, stream
+
+
+def _memory_descriptor(dims: tuple[int, ...], tag: str) -> _Handle:
+  descriptor = _Handle()
+  _check(
+    _library().dnnl_memory_desc_create_with_tag(
+      ctypes.byref(descriptor), len(dims), _Dims(*dims), _FLOAT32, _format_tags()[tag]
+    ),
+    "dnnl_memory_desc_create_with_tag",
+  )
+  return descriptor
+
+
+def _primitive(descriptor: _Handle) -> _Handle:
+  primitive = _Handle()
+  _check(_library().dnnl_primitive_create(ctypes.byref(primitive), descriptor), "dnnl_primitive_create")
+  return primitive
+
+
+def _reorder(source: _Handle, destination: _Handle) -> _Handle:
+  engine, _ = _engine_and_stream()
+  descriptor = _Handle()
+  _check(
+    _library().dnnl_reorder_primitive_desc_create(ctypes.byref(descriptor), source, engine, destination, engine, None),
+    "dnnl_reorder_primitive_desc_create",
+  )
+  return _primitive(descriptor)
+
+
+def _implementation(descriptor: _Handle) -> str:
+  name = ctypes.c_char_p()
+  _check(
+    _library().dnnl_primitive_desc_query(descriptor, _QUERY_IMPLEMENTATION, 0, ctypes.byref(name)),
+    "dnnl_primitive_desc_query",
+  )
+  return name.value.decode()
+
+
+@dataclass(frozen=True)
+class ConvolutionShape:
+  """A stride-1, undilated, ungrouped 2D convolution: NHWC input, HWIO kernel, NHWC output."""
+
+  batch: int
+  height: int
+  width: int
+  in_channels: int
+  out_channels: int
+  kernel_height: int
+  kernel_width: int
+  padding: tuple[tuple[int, int], tuple[int, int]]
+
+  @property
+  def output_height(self) -> int:
+    return self.height + sum(self.padding[0]) - self.kernel_height + 1
+
+  @property
+  def output_width(self) -> int:
+    return self.width + sum(self.padding[1]) - self.kernel_width + 1
+
+  @property
+  def flops(self) -> int:
+    """Multiplies and adds of one piece (forward, input or kernel gradient: each the same product)."""
+    taps = self.kernel_height * self.kernel_width * self.in_channels
+    return 2 * self.batch * self.output_height * self.output_width * self.out_channels * taps
+
+
+# oneDNN runs each primitive on all cores (OpenMP); two at once from XLA's threads would only contend, and a
+# lock keeps the calls free of any question about concurrent execution of one primitive.
+_EXECUTION_LOCK = threading.Lock()
+
+
+class _Step:
+  """One primitive (forward, input gradient or kernel gradient) with the kernel reorder it needs."""
+
+  def __init__(self, descriptor: _Handle, kernel_query: int, user_kernel: _Handle, kernel_is_output: bool):
+    self.primitive = _primitive(descriptor)
+    self.implementation = _implementation(descriptor)
+    self.kernel_descriptor = _Handle(_library().dnnl_primitive_desc_query_md(descriptor, kernel_query, 0))
+    self.kernel_bytes = _library().dnnl_memory_desc_get_size(self.kernel_descriptor)
+    self.kernel_is_output = kernel_is_output
+    if kernel_is_output:
+      self.reorder = _reorder(self.kernel_descriptor, user_kernel)
+    else:
+      self.reorder = _reorder(user_kernel, self.kernel_descriptor)
+
+
+def _aligned_bytes(size: int, alignment: int = 64) -> np.ndarray:
+  """An uninitialised byte buffer starting on a cache line, as oneDNN's vectorised kernels prefer."""
+  raw = np.empty(size + alignment, np.uint8)
+  offset = -raw.ctypes.data % alignment
+  return raw[offset : offset + size]
+
+
+class _Memories:
+  """oneDNN memory objects wrapping numpy arrays without a copy, destroyed on exit. It holds the arrays too:
+  oneDNN keeps only their addresses."""
+
+  def __init__(self) -> None:
+    self._memories: list[_Handle] = []
+    self._arrays: list[np.ndarray] = []
+
+  def __enter__(self) -> "_Memories":
+    return self
+
+  def wrap(self, descriptor: _Handle, array: np.ndarray) -> _Handle:
+    if not array.flags.c_contiguous:
+      raise ValueError("oneDNN: arrays must be C-contiguous")
+    memory = _Handle()
+    engine, _ = _engine_and_stream()
+    _check(
+      _library().dnnl_memory_create(ctypes.byref(memory), descriptor, engine, _Handle(array.ctypes.data)),
+      "dnnl_memory_create",
+    )
+    self._memories.append(memory)
+    self._arrays.append(array)
+    return memory
+
+  def __exit__(self, *_: object) -> None:
+    for memory in self._memories:
+      _library().dnnl_memory_destroy(memory)
+
+
+def _execute(primitive: _Handle, arguments: dict[int, _Handle]) -> None:
+  _, stream = _engine_and_stream()
+  packed = (_ExecArgument * len(arguments))(*(_ExecArgument(key, memory) for key, memory in arguments.items()))
+  _check(_library().dnnl_primitive_execute(primitive, stream, len(arguments), packed), "dnnl_primitive_execute")
+
+
+class Convolution:
+  """The three oneDNN primitives of one convolution shape, created once and run on numpy arrays."""
+
+  def __init__(self, shape: ConvolutionShape):
+    library = _library()
+    engine, _ = _engine_and_stream()
+    self.shape = shape
+    s = shape
+    self._input = _memory_descriptor((s.batch, s.in_channels, s.height, s.width), "acdb")
+    self._output = _memory_descriptor((s.batch, s.out_channels, s.output_height, s.output_width), "acdb")
+    kernel_dims = (s.out_channels, s.in_channels, s.kernel_height, s.kernel_width)
+    self._user_kernel = _memory_descriptor(kernel_dims, "cdba")  # HWIO
+    any_kernel = _memory_descriptor(kernel_dims, "any")
+    strides, dilations = _Dims(1, 1), _Dims(0, 0)
+    padding_low = _Dims(s.padding[0][0], s.padding[1][0])
+    padding_high = _Dims(s.padding[0][1], s.padding[1][1])
+    geometry = (strides, dilations, padding_low, padding_high)
+
+    forward = _Handle()
+    _check(
+      library.dnnl_convolution_forward_primitive_desc_create(
+        ctypes.byref(forward),
+        engine,
+        _FORWARD_TRAINING,
+        _CONVOLUTION_DIRECT,
+        self._input,
+        any_kernel,
+        None,
+        self._output,
+        *geometry,
+        None,
+      ),
+      "dnnl_convolution_forward_primitive_desc_create",
+    )
+    input_gradient, kernel_gradient = _Handle(), _Handle()
+    _check(
+      library.dnnl_convolution_backward_data_primitive_desc_create(
+        ctypes.byref(input_gradient),
+        engine,
+        _CONVOLUTION_DIRECT,
+        self._input,
+        any_kernel,
+        self._output,
+        *geometry,
+        forward,
+        None,
+      ),
+      "dnnl_convolution_backward_data_primitive_desc_create",
+    )
+    _check(
+      library.dnnl_convolution_backward_weights_primitive_desc_create(
+        ctypes.byref(kernel_gradient),
+        engine,
+        _CONVOLUTION_DIRECT,
+        self._input,
+        any_kernel,
+        None,
+        self._output,
+        *geometry,
+        forward,
+        None,
+      ),
+      "dnnl_convolution_backward_weights_primitive_desc_create",
+    )
+    self._forward = _Step(forward, _QUERY_WEIGHTS, self._user_kernel, kernel_is_output=False)
+    self._input_gradient = _Step(input_gradient, _QUERY_WEIGHTS, self._user_kernel, kernel_is_output=False)
+    self._kernel_gradient = _Step(kernel_gradient, _QUERY_DIFF_WEIGHTS, self._user_kernel, kernel_is_output=True)
+
+  @property
+  def implementations(self) -> dict[str, str]:
+    """oneDNN's name for the kernel each piece runs (e.g. brgconv:avx512_core), for benchmarks and logs."""
+    return {
+      "forward": self._forward.implementation,
+      "input gradient": self._input_gradient.implementation,
+      "kernel gradient": self._kernel_gradient.implementation,
+    }
+
+  def forward(self, inputs: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    s = self.shape
+    outputs = np.empty((s.batch, s.output_height, s.output_width, s.out_channels), np.float32)
+    arrays = {_ARG_SRC: (self._input, _float32(inputs)), _ARG_DST: (self._output, outputs)}
+    self._run(self._forward, _float32(kernel), arrays, _ARG_WEIGHTS)
+    return outputs
+
+  def input_gradient(self, output_gradient: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    s = self.shape
+    gradient = np.empty((s.batch, s.height, s.width, s.in_channels), np.float32)
+    arrays = {_ARG_DIFF_SRC: (self._input, gradient), _ARG_DIFF_DST: (self._output, _float32(output_gradient))}
+    self._run(self._input_gradient, _float32(kernel), arrays, _ARG_WEIGHTS)
+    return gradient
+
+  def kernel_gradient(self, inputs: np.ndarray, output_gradient: np.ndarray) -> np.ndarray:
+    s = self.shape
+    gradient = np.empty((s.kernel_height, s.kernel_width, s.in_channels, s.out_channels), np.float32)
+    arrays = {_ARG_SRC: (self._input, _float32(inputs)), _ARG_DIFF_DST: (self._output, _float32(output_gradient))}
+    self._run(self._kernel_gradient, gradient, arrays, _ARG_DIFF_WEIGHTS)
+    return gradient
+
+  def _run(
+    self, step: _Step, user_kernel: np.ndarray, arrays: dict[int, tuple[_Handle, np.ndarray]], kernel_argument: int
+  ) -> None:
+    """Runs `step` on the arrays, with the kernel reordered into its layout before (or out of it after)."""
+    with _Memories() as memories:
+      user = memories.wrap(self._user_kernel, user_kernel)
+      staged = memories.wrap(step.kernel_descriptor, _aligned_bytes(step.kernel_bytes))
+      arguments = {argument: memories.wrap(descriptor, array) for argument, (descriptor, array) in arrays.items()}
+      arguments[kernel_argument] = staged
+      reorder = {_ARG_SRC: staged, _ARG_DST: user} if step.kernel_is_output else {_ARG_SRC: user, _ARG_DST: staged}
+      with _EXECUTION_LOCK:
+        if not step.kernel_is_output:
+          _execute(step.reorder, reorder)
+        _execute(step.primitive, arguments)
+        if step.kernel_is_output:
+          _execute(step.reorder, reorder)
+        _check(_library().dnnl_stream_wait(_engine_and_stream()[1]), "dnnl_stream_wait")
+
+
+def _float32(array: np.ndarray) -> np.ndarray:
+  return np.ascontiguousarray(array, np.float32)
+
+
+@functools.cache
+def convolution(shape: ConvolutionShape) -> Convolution:
+  """The primitives for `shape`, created on first use (a few ms each) and kept for the process."""
+  return Convolution(shape)

@@ -1,0 +1,184 @@
+"""oneDNN convolutions (flax_detector.onednn via flax_detector.convolution) against XLA's, and the choice
+between them. The numeric tests need libdnnl (the `onednn-cpu-gomp` wheel of the test extra)."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flax_detector import convolution, onednn
+from flax_detector.models import VGG16, init_variables
+
+
+def _why_onednn_is_missing() -> str | None:
+  try:
+    onednn.require()
+  except onednn.OneDnnUnavailable as error:
+    return str(error)
+  return None
+
+
+needs_onednn = pytest.mark.skipif(_why_onednn_is_missing() is not None, reason=str(_why_onednn_is_missing()))
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _loss(conv, inputs, kernel, padding):
+  outputs = conv(inputs, kernel, (1, 1), padding, dimension_numbers=_NHWC)
+  return jnp.sum(jnp.sin(outputs)), outputs
+
+
+def _value_and_gradients(conv, inputs, kernel, padding):
+  (_, outputs), gradients = jax.jit(
+    jax.value_and_grad(lambda x, w: _loss(conv, x, w, padding), argnums=(0, 1), has_aux=True)
+  )(inputs, kernel)
+  return outputs, *gradients
+
+
+def _relative_error(actual, expected):
+  return float(jnp.max(jnp.abs(actual - expected)) / jnp.max(jnp.abs(expected)))
+
+
+@needs_onednn
+@pytest.mark.parametrize(
+  "batch, side, in_channels, out_channels, kernel_side, padding",
+  [
+    (4, 16, 3, 8, 3, ((1, 1), (1, 1))),  # VGG16's first layer
+    (2, 8, 64, 64, 3, ((1, 1), (1, 1))),  # past YNNPACK's 16-channel threshold
+    (3, 9, 5, 7, 3, ((0, 2), (1, 0))),  # odd sizes, uneven padding
+    (2, 6, 4, 6, 1, ((0, 0), (0, 0))),  # 1x1
+  ],
+)
+def test_onednn_forward_and_gradients_match_xla_to_float32_rounding(
+  batch, side, in_channels, out_channels, kernel_side, padding
+):
+  keys = jax.random.split(jax.random.key(0), 2)
+  inputs = jax.random.normal(keys[0], (batch, side, side + 1, in_channels))
+  kernel = 0.2 * jax.random.normal(keys[1], (kernel_side, kernel_side, in_channels, out_channels))
+  expected = _value_and_gradients(jax.lax.conv_general_dilated, inputs, kernel, padding)
+  actual = _value_and_gradients(convolution.onednn_conv_general_dilated, inputs, kernel, padding)
+  for name, got, want in zip(("output", "input gradient", "kernel gradient"), actual, expected, strict=True):
+    assert got.shape == want.shape, name
+    assert _relative_error(got, want) < 1e-5, name
+
+
+@needs_onednn
+def test_onednn_results_are_bitwise_repeatable():
+  shape = onednn.ConvolutionShape(8, 32, 32, 16, 32, 3, 3, ((1, 1), (1, 1)))
+  rng = np.random.default_rng(0)
+  inputs = rng.standard_normal((8, 32, 32, 16), dtype=np.float32)
+  kernel = rng.standard_normal((3, 3, 16, 32), dtype=np.float32)
+  output_gradient = rng.standard_normal((8, 32, 32, 32), dtype=np.float32)
+  conv = onednn.convolution(shape)
+
+  def all_pieces():
+    return (
+      conv.forward(inputs, kernel),
+      conv.input_gradient(output_gradient, kernel),
+      conv.kernel_gradient(inputs, output_gradient),
+    )
+
+  first, second = all_pieces(), all_pieces()
+  for one, other in zip(first, second, strict=True):
+    assert one.tobytes() == other.tobytes()
+  assert set(conv.implementations) == {"forward", "input gradient", "kernel gradient"}
+
+
+@needs_onednn
+def test_convolutions_onednn_cannot_do_stay_with_xla():
+  """bfloat16, strides, dilations and groups are left to lax.conv_general_dilated: no callback, same bits."""
+  inputs = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+  kernel = jax.random.normal(jax.random.key(1), (3, 3, 4, 4))
+  cases = [
+    ((inputs.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), (1, 1)), {}),
+    ((inputs, kernel, (2, 2)), {}),
+    ((inputs, kernel, (1, 1)), {"rhs_dilation": (2, 2)}),
+    ((inputs, kernel[:, :, :2], (1, 1)), {"feature_group_count": 2}),
+  ]
+  padding = ((1, 1), (1, 1))
+  for (x, w, strides), options in cases:
+
+    def ours(x, w, strides=strides, options=options):
+      return convolution.onednn_conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC, **options)
+
+    def xla(x, w, strides=strides, options=options):
+      return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC, **options)
+
+    assert "onednn_convolution" not in str(jax.make_jaxpr(ours)(x, w))
+    np.testing.assert_array_equal(jax.jit(ours)(x, w), jax.jit(xla)(x, w))
+
+
+@needs_onednn
+def test_host_flops_counts_the_callbacks_xla_keeps():
+  """host_flops adds what XLA's cost analysis cannot see inside a callback: here a forward pass and both
+  gradients of a first layer minus its input gradient, which nothing reads (so XLA drops that callback)."""
+  images = jnp.ones((4, 16, 16, 3))
+  kernel = jnp.ones((3, 3, 3, 8))
+
+  def loss(kernel):
+    conv = convolution.onednn_conv_general_dilated(images, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_NHWC)
+    return jnp.sum(conv**2)
+
+  shape = onednn.ConvolutionShape(4, 16, 16, 3, 8, 3, 3, ((1, 1), (1, 1)))
+  assert shape.flops == 2 * 4 * 16 * 16 * 8 * 3 * 3 * 3
+  counted = convolution.host_flops(jax.jit(jax.grad(loss)).trace(kernel).jaxpr.jaxpr)
+  assert counted == 2 * shape.flops  # forward + kernel gradient
+
+
+@pytest.fixture
+def onednn_allowed(monkeypatch):
+  """The tests run on 8 simulated devices, where "auto" picks XLA; a model applied without a mesh can use
+  oneDNN, so the device condition is lifted for the test (and the cached choice cleared around it)."""
+  if _why_onednn_is_missing() is not None:
+    pytest.skip(_why_onednn_is_missing())
+  monkeypatch.setattr(convolution, "onednn_unusable_reason", lambda: None)
+  convolution.uses_onednn.cache_clear()
+  yield
+  convolution.uses_onednn.cache_clear()
+
+
+@pytest.mark.parametrize("batch_norm", [True, False])
+def test_vgg16_with_onednn_convolutions_matches_xla_and_repeats_bitwise(onednn_allowed, batch_norm):
+  images = jax.random.randint(jax.random.key(2), (4, 32, 32, 3), 0, 256).astype(jnp.uint8)
+  results = {}
+  for choice in ("xla", "onednn"):
+    model = VGG16(batch_norm=batch_norm, width_multiplier=1 / 16, dropout_rate=0.0, convolutions=choice)
+    variables = init_variables(model, 32, jax.random.key(0))
+
+    def loss(params, model=model, variables=variables):
+      logits, _ = model.apply({**variables, "params": params}, images, train=True, mutable=["batch_stats"])
+      return jnp.sum(jax.nn.log_softmax(logits)[:, 0])
+
+    gradients = jax.jit(jax.grad(loss))(variables["params"])
+    evaluation = jax.jit(lambda variables, model=model: model.apply(variables, images, train=False))(variables)
+    results[choice] = (gradients, evaluation)
+    again = jax.jit(jax.grad(loss))(variables["params"])  # a second run: the same bits
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(gradients)))
+    assert ("onednn_convolution" in str(jax.make_jaxpr(jax.grad(loss))(variables["params"]))) == (choice == "onednn")
+  # The absolute floor covers the conv biases ahead of a BatchNorm, whose gradient is zero up to rounding.
+  for expected, actual in zip(jax.tree.leaves(results["xla"]), jax.tree.leaves(results["onednn"]), strict=True):
+    np.testing.assert_allclose(actual, expected, rtol=2e-4, atol=1e-6 + 2e-4 * float(jnp.max(jnp.abs(expected))))
+
+
+def test_auto_picks_xla_on_several_devices_and_onednn_says_why_it_cannot_run():
+  assert jax.device_count() == 8  # tests/conftest.py
+  assert convolution.uses_onednn("xla") is False
+  assert convolution.uses_onednn("auto") is False
+  with pytest.raises(ValueError, match='model.convolutions="onednn" cannot run here: .*8 devices'):
+    convolution.uses_onednn("onednn")
+  with pytest.raises(ValueError, match="model.convolutions='cudnn'"):
+    convolution.uses_onednn("cudnn")
+
+
+def test_a_missing_library_names_what_was_tried_and_how_to_install_it():
+  script = (
+    "from flax_detector import onednn\n"
+    "try:\n  onednn.require()\nexcept onednn.OneDnnUnavailable as error:\n  print(error)"
+  )
+  env = dict(os.environ, FLAX_DETECTOR_LIBDNNL="/nonexistent/libdnnl.so.3")
+  done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+  assert "/nonexistent/libdnnl.so.3" in done.stdout
+  assert 'pip install -e ".[cpu]"' in done.stdout
