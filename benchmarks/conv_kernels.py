@@ -10,7 +10,7 @@ calls: XLA's (YNNPACK in jaxlib 0.10.2) and PyTorch's (oneDNN). This times each 
 convolution of the model alone, same shape and dtype, NHWC (channels_last) on both sides, the two sides'
 rounds alternating and the best round of each kept, then sums them over the model's layers. After a jaxlib
 upgrade it says in a minute or two whether the kernels, and so the step comparison of
-`python -m flax_detector.benchmark --compare_torch`, have moved. With libdnnl installed (".[cpu]") a third
+`python -m flax_detector.benchmark --compare_torch`, have moved. Where libdnnl loads (x86-64 Linux) a third
 column times the trainer's oneDNN path (flax_detector.convolution): the same oneDNN kernels PyTorch calls,
 plus the cost of reaching them from a jitted program (a host callback, one copy of each result). All sides
 share one process, and so the trainer's allocator settings (flax_detector.host_allocator). Without PyTorch

@@ -7,13 +7,12 @@
   "auto":   oneDNN where it can run, XLA otherwise: accelerators, multi-device meshes and bfloat16 get XLA,
             and a missing library only costs speed.
 
-oneDNN runs as an XLA host callback with a custom VJP: the forward pass, the input gradient and the kernel
-gradient are three separate calls, so XLA drops the ones nobody uses (the first layer's input gradient). A
-callback sees the whole array of the device it runs on, hence the one-device condition: on a mesh of several
-devices XLA would gather every activation onto one of them. Results match XLA's convolution to float32
-rounding and are bitwise repeatable run to run on the same machine and thread count
-(tests/test_convolution.py). Costs: XLA copies each operand and result of a callback once, and JAX does
-not store a program with host callbacks in its persistent compilation cache, so each run compiles its steps.
+oneDNN runs as XLA custom calls (flax_detector.xla_ffi: oneDNN reads and writes XLA's buffers in place)
+with a custom VJP: the forward pass, the input gradient and the kernel gradient are three separate calls, so
+XLA drops the ones nobody uses (the first layer's input gradient). A call sees the whole array of the device
+it runs on, hence the one-device condition: on a mesh of several devices XLA would gather every activation
+onto one of them. Results match XLA's convolution to float32 rounding and are bitwise repeatable run to run
+on the same machine and thread count (tests/test_convolution.py).
 """
 
 import functools
@@ -25,10 +24,8 @@ import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax._src import callback as jax_callback
-from jax.interpreters import mlir
 
-from flax_detector import onednn
+from flax_detector import onednn, xla_ffi
 
 CHOICES = ("auto", "xla", "onednn")
 _NHWC_HWIO = ("NHWC", "HWIO", "NHWC")
@@ -146,48 +143,29 @@ def _result_shape(shape: onednn.ConvolutionShape, piece: str) -> tuple[int, ...]
   }[piece]
 
 
-def _host_call(first: np.ndarray, second: np.ndarray, *, shape: onednn.ConvolutionShape, piece: str) -> np.ndarray:
-  return getattr(onednn.convolution(shape), piece)(first, second)
+# One XLA custom-call target per piece; each takes two operands and a `geometry` attribute (the shape).
+_TARGETS = {piece: f"flax_detector_onednn_{piece}" for piece in ("forward", "input_gradient", "kernel_gradient")}
 
 
-# One piece of a oneDNN convolution (params: shape, piece = "forward", "input_gradient" or "kernel_gradient") as
-# its own primitive rather than a jax.pure_callback: pure_callback hands its function jax.Arrays (a device_put
-# of every operand, then a copy back out to numpy), about 0.3 ms per call and 1 ms for a 4 MB activation.
-# The primitive lowers to the same XLA host callback with numpy views of XLA's buffers, and `host_flops` can
-# read its shape from a traced program.
-onednn_convolution_p = jax.extend.core.Primitive("onednn_convolution")
-onednn_convolution_p.def_abstract_eval(
-  lambda first, second, *, shape, piece: jax.core.ShapedArray(_result_shape(shape, piece), jnp.float32)
-)
-onednn_convolution_p.def_impl(
-  lambda first, second, *, shape, piece: jnp.asarray(
-    _host_call(np.asarray(first), np.asarray(second), shape=shape, piece=piece)
-  )
-)
+def _handler(piece: str) -> xla_ffi.HandlerFunction:
+  def run(operands: Sequence[int], results: Sequence[int], attributes: dict[str, np.ndarray]) -> None:
+    shape = onednn.ConvolutionShape.from_geometry(attributes["geometry"])
+    onednn.convolution(shape).run(piece, operands[0], operands[1], results[0])
+
+  return run
 
 
-def _lower_on_cpu(ctx: Any, first: Any, second: Any, *, shape: onednn.ConvolutionShape, piece: str) -> Any:
-  # jax._src.callback.emit_python_callback is what jax.pure_callback lowers to (jax 0.10.2); it is internal,
-  # hence the pinned JAX version (shared/JAX_STACK_NOTES.md).
-  results, _, _ = jax_callback.emit_python_callback(
-    ctx,
-    lambda first, second: (_host_call(first, second, shape=shape, piece=piece),),
-    None,
-    [first, second],
-    ctx.avals_in,
-    ctx.avals_out,
-    has_side_effect=False,
-    returns_token=False,
-  )
-  return results
-
-
-# Not cacheable: each lowering registers its host callback with the module being built, as pure_callback's does.
-mlir.register_lowering(onednn_convolution_p, _lower_on_cpu, platform="cpu", cacheable=False)
+@functools.cache
+def _register_targets() -> None:
+  for piece, target in _TARGETS.items():
+    xla_ffi.register_cpu_target(target, _handler(piece))
 
 
 def _piece(piece: str, shape: onednn.ConvolutionShape, first: jax.Array, second: jax.Array) -> jax.Array:
-  return onednn_convolution_p.bind(first, second, shape=shape, piece=piece)
+  """One piece as an XLA custom call that oneDNN computes in place in XLA's buffers (flax_detector.xla_ffi)."""
+  _register_targets()
+  result = jax.ShapeDtypeStruct(_result_shape(shape, piece), jnp.float32)
+  return jax.ffi.ffi_call(_TARGETS[piece], result)(first, second, geometry=shape.geometry)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -215,14 +193,15 @@ _onednn_convolution.defvjp(_forward, _backward)
 
 
 def host_flops(jaxpr: jax.extend.core.Jaxpr) -> int:
-  """FLOPs of the oneDNN callbacks in a traced program, which XLA's cost analysis cannot see (to it a
-  callback is an opaque call). A callback whose result nothing reads is left out, as XLA removes it."""
+  """FLOPs of the oneDNN custom calls in a traced program, which XLA's cost analysis cannot see (to it a
+  custom call is opaque). A call whose result nothing reads is left out, as XLA removes it."""
   read = {var for eqn in jaxpr.eqns for var in eqn.invars if isinstance(var, jax.extend.core.Var)}
   read.update(var for var in jaxpr.outvars if isinstance(var, jax.extend.core.Var))
   total = 0
   for eqn in jaxpr.eqns:
-    if eqn.primitive is onednn_convolution_p and any(var in read for var in eqn.outvars):
-      total += eqn.params["shape"].flops
+    if eqn.params.get("target_name") in _TARGETS.values() and any(var in read for var in eqn.outvars):
+      geometry = dict(eqn.params["attributes"])["geometry"]
+      total += onednn.ConvolutionShape.from_geometry(np.asarray(getattr(geometry, "val", geometry))).flops
     for param in eqn.params.values():
       for sub in param if isinstance(param, tuple | list) else (param,):
         if isinstance(sub, jax.extend.core.ClosedJaxpr):

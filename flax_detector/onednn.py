@@ -1,10 +1,11 @@
 """oneDNN's convolutions on host arrays, called through its C API with ctypes.
 
-Why: on x86 CPUs XLA (jaxlib 0.10.2) runs VGG16's 3x3 convolutions 2.2-2.6x slower than oneDNN, the library
+Why: on x86 CPUs XLA (jaxlib 0.10.2) runs VGG16's 3x3 convolutions 2-3x slower than oneDNN, the library
 PyTorch uses (benchmarks/RESULTS.md, `benchmarks/conv_kernels.py`), and its own oneDNN rewriter does not
-claim them. `flax_detector.convolution` calls these kernels from the jitted step on CPU.
+claim them. `flax_detector.convolution` calls these kernels from the jitted step on CPU, as XLA custom calls
+on XLA's own buffers (`Convolution.run` takes their addresses).
 
-The library comes from the `onednn-cpu-gomp` wheel (`pip install -e ".[cpu]"`), which installs
+The library comes from the `onednn-cpu-gomp` wheel (a dependency on x86-64 Linux), which installs
 `libdnnl.so.3` (oneDNN 3.x, GNU OpenMP threads) into the environment's `lib/`. Nothing is compiled: the
 functions used here are oneDNN's stable v3 C API. Format tags are looked up by name at load time; the other
 enum values below are fixed by that API (include/oneapi/dnnl/dnnl_types.h).
@@ -66,9 +67,9 @@ def _library() -> ctypes.CDLL:
       errors.append(f"{candidate}: {error}")
   else:
     raise OneDnnUnavailable(
-      "oneDNN (libdnnl.so.3) is not installed: " + "; ".join(errors) + '. Install it with `pip install -e ".[cpu]"` '
-      "(the onednn-cpu-gomp wheel), point FLAX_DETECTOR_LIBDNNL at a libdnnl.so.3, or set "
-      'model.convolutions = "xla".'
+      "oneDNN (libdnnl.so.3) did not load: " + "; ".join(errors) + ". Install it with "
+      "`pip install onednn-cpu-gomp==2023.2.0` (x86-64 Linux; it needs libgomp.so.1, GCC's OpenMP runtime), "
+      'point FLAX_DETECTOR_LIBDNNL at a libdnnl.so.3, or set model.convolutions = "xla".'
     )
   library.dnnl_fmt_tag2str.restype = ctypes.c_char_p
   library.dnnl_primitive_desc_query_md.restype = _Handle
@@ -162,6 +163,18 @@ class ConvolutionShape:
     return self.width + sum(self.padding[1]) - self.kernel_width + 1
 
   @property
+  def geometry(self) -> np.ndarray:
+    """The shape as 11 int64s, the form an XLA custom call carries it in (see `from_geometry`)."""
+    (top, bottom), (left, right) = self.padding
+    sizes = (self.batch, self.height, self.width, self.in_channels, self.out_channels)
+    return np.array([*sizes, self.kernel_height, self.kernel_width, top, bottom, left, right], np.int64)
+
+  @classmethod
+  def from_geometry(cls, geometry: np.ndarray) -> "ConvolutionShape":
+    values = [int(value) for value in geometry]
+    return cls(*values[:7], ((values[7], values[8]), (values[9], values[10])))
+
+  @property
   def flops(self) -> int:
     """Multiplies and adds of one piece (forward, input or kernel gradient: each the same product)."""
     taps = self.kernel_height * self.kernel_width * self.in_channels
@@ -196,27 +209,22 @@ def _aligned_bytes(size: int, alignment: int = 64) -> np.ndarray:
 
 
 class _Memories:
-  """oneDNN memory objects wrapping numpy arrays without a copy, destroyed on exit. It holds the arrays too:
-  oneDNN keeps only their addresses."""
+  """oneDNN memory objects over existing buffers (no copy), destroyed on exit. oneDNN keeps only the
+  addresses: whoever owns the buffers keeps them alive until then."""
 
   def __init__(self) -> None:
     self._memories: list[_Handle] = []
-    self._arrays: list[np.ndarray] = []
 
   def __enter__(self) -> "_Memories":
     return self
 
-  def wrap(self, descriptor: _Handle, array: np.ndarray) -> _Handle:
-    if not array.flags.c_contiguous:
-      raise ValueError("oneDNN: arrays must be C-contiguous")
+  def wrap(self, descriptor: _Handle, address: int) -> _Handle:
     memory = _Handle()
     engine, _ = _engine_and_stream()
     _check(
-      _library().dnnl_memory_create(ctypes.byref(memory), descriptor, engine, _Handle(array.ctypes.data)),
-      "dnnl_memory_create",
+      _library().dnnl_memory_create(ctypes.byref(memory), descriptor, engine, _Handle(address)), "dnnl_memory_create"
     )
     self._memories.append(memory)
-    self._arrays.append(array)
     return memory
 
   def __exit__(self, *_: object) -> None:
@@ -309,33 +317,44 @@ class Convolution:
 
   def forward(self, inputs: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     s = self.shape
-    outputs = np.empty((s.batch, s.output_height, s.output_width, s.out_channels), np.float32)
-    arrays = {_ARG_SRC: (self._input, _float32(inputs)), _ARG_DST: (self._output, outputs)}
-    self._run(self._forward, _float32(kernel), arrays, _ARG_WEIGHTS)
-    return outputs
+    return self._on_arrays("forward", inputs, kernel, (s.batch, s.output_height, s.output_width, s.out_channels))
 
   def input_gradient(self, output_gradient: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     s = self.shape
-    gradient = np.empty((s.batch, s.height, s.width, s.in_channels), np.float32)
-    arrays = {_ARG_DIFF_SRC: (self._input, gradient), _ARG_DIFF_DST: (self._output, _float32(output_gradient))}
-    self._run(self._input_gradient, _float32(kernel), arrays, _ARG_WEIGHTS)
-    return gradient
+    return self._on_arrays("input_gradient", output_gradient, kernel, (s.batch, s.height, s.width, s.in_channels))
 
   def kernel_gradient(self, inputs: np.ndarray, output_gradient: np.ndarray) -> np.ndarray:
     s = self.shape
-    gradient = np.empty((s.kernel_height, s.kernel_width, s.in_channels, s.out_channels), np.float32)
-    arrays = {_ARG_SRC: (self._input, _float32(inputs)), _ARG_DIFF_DST: (self._output, _float32(output_gradient))}
-    self._run(self._kernel_gradient, gradient, arrays, _ARG_DIFF_WEIGHTS)
-    return gradient
+    result_shape = (s.kernel_height, s.kernel_width, s.in_channels, s.out_channels)
+    return self._on_arrays("kernel_gradient", inputs, output_gradient, result_shape)
 
-  def _run(
-    self, step: _Step, user_kernel: np.ndarray, arrays: dict[int, tuple[_Handle, np.ndarray]], kernel_argument: int
-  ) -> None:
-    """Runs `step` on the arrays, with the kernel reordered into its layout before (or out of it after)."""
+  def _on_arrays(self, piece: str, first: np.ndarray, second: np.ndarray, result_shape: tuple[int, ...]) -> np.ndarray:
+    first, second = _float32(first), _float32(second)
+    result = np.empty(result_shape, np.float32)
+    self.run(piece, first.ctypes.data, second.ctypes.data, result.ctypes.data)
+    return result
+
+  def run(self, piece: str, first: int, second: int, result: int) -> None:
+    """Computes `piece` from the float32, C-order arrays at addresses `first` and `second` into `result`:
+    forward (inputs, kernel) -> outputs; input_gradient (output gradient, kernel) -> input gradient;
+    kernel_gradient (inputs, output gradient) -> kernel gradient. The kernel is reordered into the layout
+    the primitive runs with before it (or, for its gradient, out of it after)."""
+    if piece == "forward":
+      step, kernel, kernel_argument = self._forward, second, _ARG_WEIGHTS
+      arrays = {_ARG_SRC: (self._input, first), _ARG_DST: (self._output, result)}
+    elif piece == "input_gradient":
+      step, kernel, kernel_argument = self._input_gradient, second, _ARG_WEIGHTS
+      arrays = {_ARG_DIFF_DST: (self._output, first), _ARG_DIFF_SRC: (self._input, result)}
+    elif piece == "kernel_gradient":
+      step, kernel, kernel_argument = self._kernel_gradient, result, _ARG_DIFF_WEIGHTS
+      arrays = {_ARG_SRC: (self._input, first), _ARG_DIFF_DST: (self._output, second)}
+    else:
+      raise ValueError(f"unknown convolution piece {piece!r}")
+    staged_kernel = _aligned_bytes(step.kernel_bytes)
     with _Memories() as memories:
-      user = memories.wrap(self._user_kernel, user_kernel)
-      staged = memories.wrap(step.kernel_descriptor, _aligned_bytes(step.kernel_bytes))
-      arguments = {argument: memories.wrap(descriptor, array) for argument, (descriptor, array) in arrays.items()}
+      user = memories.wrap(self._user_kernel, kernel)
+      staged = memories.wrap(step.kernel_descriptor, staged_kernel.ctypes.data)
+      arguments = {argument: memories.wrap(*pair) for argument, pair in arrays.items()}
       arguments[kernel_argument] = staged
       reorder = {_ARG_SRC: staged, _ARG_DST: user} if step.kernel_is_output else {_ARG_SRC: user, _ARG_DST: staged}
       with _EXECUTION_LOCK:
