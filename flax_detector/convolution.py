@@ -77,18 +77,19 @@ def _onednn_shape(
   feature_group_count: int,
 ) -> onednn.ConvolutionShape | None:
   """The oneDNN shape for a convolution it computes, or None for one left to XLA."""
+  if inputs.ndim != 4 or kernel.ndim != 4 or isinstance(padding, str):
+    return None
   dimension_numbers = jax.lax.conv_dimension_numbers(inputs.shape, kernel.shape, dimension_numbers)
   plain = jax.lax.conv_dimension_numbers(inputs.shape, kernel.shape, _NHWC_HWIO)
   if (
     dimension_numbers != plain
-    or inputs.ndim != 4
     or inputs.dtype != jnp.float32
     or kernel.dtype != jnp.float32
     or feature_group_count != 1
     or any(stride != 1 for stride in window_strides)
     or any(d != 1 for d in (lhs_dilation or ()))
     or any(d != 1 for d in (rhs_dilation or ()))
-    or isinstance(padding, str)
+    or any(int(side) < 0 for pair in padding for side in pair)
   ):
     return None
   (top, bottom), (left, right) = ((int(low), int(high)) for low, high in padding)

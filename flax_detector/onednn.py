@@ -93,7 +93,8 @@ def _check(status: int, call: str) -> None:
 def _format_tags() -> dict[str, int]:
   """Format tag values by their oneDNN names (e.g. "acdb" is NHWC), read from the library itself."""
   library = _library()
-  return {library.dnnl_fmt_tag2str(value).decode(): value for value in range(1024)}
+  names = {value: library.dnnl_fmt_tag2str(value) for value in range(1024)}
+  return {name.decode(): value for value, name in names.items() if name}
 
 
 @functools.cache

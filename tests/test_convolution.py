@@ -1,6 +1,7 @@
 """oneDNN convolutions (flax_detector.onednn via flax_detector.convolution) against XLA's, and the choice
 between them. The numeric tests need libdnnl (the `onednn-cpu-gomp` wheel, a dependency on x86-64 Linux)."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -109,6 +110,9 @@ def test_convolutions_onednn_cannot_do_stay_with_xla():
 
     assert "flax_detector_onednn" not in str(jax.make_jaxpr(ours)(x, w))
     np.testing.assert_array_equal(jax.jit(ours)(x, w), jax.jit(xla)(x, w))
+  for padding in ("SAME", ((-1, 0), (0, 0))):  # padding by name, negative padding
+    conv = functools.partial(convolution.onednn_conv_general_dilated, padding=padding, dimension_numbers=_NHWC)
+    assert "flax_detector_onednn" not in str(jax.make_jaxpr(lambda x, w, conv=conv: conv(x, w, (1, 1)))(inputs, kernel))
 
 
 @needs_onednn
