@@ -65,8 +65,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Decode train/ (with its validation share) once, before training, into one memory-mapped file that every
   # Grain worker shares (in /dev/shm, or the workdir when that is too small), instead of every epoch. For
   # data sets whose decoded pixels fit in memory, e.g. the 22k-image public set; it refuses to start, naming
-  # the size, when they do not. Augmentations still run per epoch, so batches are the same either way.
-  data.cache_decoded = False
+  # the size, when they do not. "auto" caches only when they take at most a quarter of the free memory.
+  # Augmentations still run per epoch, so batches are the same either way.
+  data.cache_decoded = ml_collections.FieldReference(False, field_type=object)  # True, False or "auto"
   # Built-in synthetic set (used when data.dir is ""): records per split and image side range in px.
   data.synthetic_train_size = 4096
   data.synthetic_test_size = 1024
@@ -150,6 +151,9 @@ def _apply_cpu_preset(config: ml_collections.ConfigDict) -> None:
   config.model.width_multiplier = 0.125
   config.model.dtype = "float32"
   config.data.worker_count = 1
+  # The synthetic set decodes to 96 MiB: decoding it once leaves both cores to the step (end to end 241 -> 373
+  # images/s, benchmarks/RESULTS.md); "auto" leaves a folder that would not fit easily undecoded.
+  config.data.cache_decoded = "auto"
   # 64-px crops see little of a 384-px picture: evaluate and predict on 3x3 crops per image.
   config.data.eval_grid = 3
   config.data.synthetic_train_size = 2048

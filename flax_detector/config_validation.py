@@ -71,6 +71,10 @@ def _source_checks(config: ml_collections.ConfigDict) -> list[tuple[bool, str]]:
   return [
     (0.0 <= data.val_fraction < 1.0, f"data.val_fraction={data.val_fraction}: must be in [0, 1)"),
     (
+      data.cache_decoded is True or data.cache_decoded is False or data.cache_decoded == "auto",
+      f"data.cache_decoded={data.cache_decoded!r}: use True, False or 'auto'",
+    ),
+    (
       bool(data.dir) or len(data.class_names) == 2,
       f"data.class_names={data.class_names}: the synthetic set (data.dir='') has exactly 2 classes",
     ),

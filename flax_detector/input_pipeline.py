@@ -27,7 +27,7 @@ from etils import epath
 from flax_detector import preprocess, shared_memory_release, worker_lifetime
 from flax_detector import workdir as workdir_layout
 from flax_detector.config_validation import MIN_IMAGE_SIZE
-from flax_detector.data import array_record
+from flax_detector.data import array_record, decoded_cache
 from flax_detector.data.decode import read_or_skip
 from flax_detector.data.decoded_cache import DecodedCache
 from flax_detector.data.folder import ImageFolderSource, IndexOptions
@@ -65,7 +65,8 @@ class SourceSettings:
   on_bad_file: str
   synthetic_sizes: tuple[int, int]  # records in the synthetic train and test splits
   synthetic_sides: tuple[int, int]  # smallest and largest synthetic image side
-  cache_decoded: bool = False  # decode train/ (and its validation share) once, into shared memory
+  # Decode train/ (and its validation share) once, into shared memory: True, False or "auto".
+  cache_decoded: bool | str = False
   decoded_side: int | None = None  # preprocess.decoded_side(...): the shorter side images are scaled to while decoding
 
   @classmethod
@@ -116,8 +117,13 @@ def load_splits(settings: SourceSettings, workdir: epath.Path | None = None, pro
   folders = {
     split: source for split, source in (("train", full_train), ("test", test)) if isinstance(source, ImageFolderSource)
   }
-  if settings.cache_decoded:
-    full_train = DecodedCache(full_train, settings.decoded_side, None if workdir is None else os.fspath(workdir))
+  cache_folder = None if workdir is None else os.fspath(workdir)
+  cache = settings.cache_decoded
+  if cache == "auto":
+    cache, why = decoded_cache.fits_easily(full_train, settings.decoded_side, cache_folder)
+    logging.info("data.cache_decoded='auto': %s, since %s", "caching" if cache else "not caching", why)
+  if cache:
+    full_train = DecodedCache(full_train, settings.decoded_side, cache_folder)
   train, validation = split_off_validation(full_train, settings.val_fraction)
   for name, split in (("train", train), ("validation", validation), ("test", test)):
     counts = class_counts(split, len(settings.class_names))

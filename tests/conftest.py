@@ -41,6 +41,7 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
   config.min_train_steps = 0
   config.model.width_multiplier = 1 / 16
   config.data.worker_count = 0
+  config.data.cache_decoded = False  # the preset's "auto" would cache; tests/test_decoded_cache.py covers it
   config.data.eval_grid = 2
   config.data.synthetic_train_size = 160
   config.data.synthetic_test_size = 40

@@ -100,3 +100,25 @@ def test_a_cache_that_does_not_fit_is_refused_with_the_sizes(make_config, cache_
   with pytest.raises(ValueError, match=r"data.cache_decoded=True: the decoded training images need [0-9,]+ MiB, but"):
     _datasets(make_config(data__cache_decoded=True))
   assert not os.listdir(cache_folder)
+
+
+def test_auto_caches_a_split_that_fits_easily_and_leaves_one_that_does_not(make_config, monkeypatch, caplog):
+  caplog.set_level("INFO")
+  settings = {"data__jpeg_probability": 0.5, "data__val_fraction": 0.2}
+  uncached = _all_batches(make_config(**settings))
+  cached = _all_batches(make_config(**settings, data__cache_decoded="auto"))
+  assert "data.cache_decoded='auto': caching" in caplog.text
+  _assert_bitwise_equal(uncached, cached)
+
+  caplog.clear()
+  monkeypatch.setattr(host_resources, "available_memory_bytes", lambda: 100_000)
+  _datasets(make_config(data__cache_decoded="auto"))  # where True would refuse to start, "auto" goes on
+  assert "data.cache_decoded='auto': not caching, since the decoded images need" in caplog.text
+  assert "decoded once into" not in caplog.text
+
+
+def test_cache_decoded_accepts_only_true_false_or_auto(make_config):
+  from flax_detector import config_validation  # pylint: disable=g-import-not-at-top
+
+  with pytest.raises(ValueError, match="data.cache_decoded='yes': use True, False or 'auto'"):
+    config_validation.validate(make_config(data__cache_decoded="yes"))

@@ -32,6 +32,8 @@ from flax_detector.data.sources import ImageSource
 
 # Memory the cache leaves to the training process, its workers and their batches: a quarter of what is free.
 _KEPT_FREE = 0.25
+# data.cache_decoded="auto" caches only a split whose decoded pixels take at most this share of free memory.
+_AUTO_SHARE = 0.25
 _SHM = "/dev/shm"
 
 
@@ -51,6 +53,26 @@ def _free_bytes(folder: str) -> int:
   return stats.f_bavail * stats.f_frsize
 
 
+def _candidate_folders(workdir: str | None) -> list[str]:
+  return [folder for folder in (_SHM, workdir or tempfile.gettempdir()) if os.path.isdir(folder)]
+
+
+def fits_easily(source: ImageSource, shorter_side: int | None, workdir: str | None) -> tuple[bool, str]:
+  """For data.cache_decoded="auto": whether to cache, and why. Only when the decoded split is known to take
+  at most a quarter of the available memory and a folder has room, so "auto" never stops a run that would
+  otherwise start (True insists, and refuses what does not fit)."""
+  if source.sizes is None:
+    return False, "the source records no image sizes"
+  need = int(decoded_bytes(source.sizes, shorter_side).sum())
+  available = host_resources.available_memory_bytes()
+  if available is None or need > available * _AUTO_SHARE:
+    memory = "unknown" if available is None else _mib(available)
+    return False, f"the decoded images need {_mib(need)}, more than {_AUTO_SHARE:.0%} of the available {memory}"
+  if not any(_free_bytes(folder) >= need for folder in _candidate_folders(workdir)):
+    return False, f"no cache folder has {_mib(need)} free"
+  return True, f"the decoded images need {_mib(need)} of the available {_mib(available)}"
+
+
 def _choose_folder(need: int, workdir: str | None) -> str:
   """/dev/shm when it can hold `need` bytes, else the workdir (its pages stay in the page cache while they fit).
 
@@ -58,7 +80,7 @@ def _choose_folder(need: int, workdir: str | None) -> str:
   """
   available = host_resources.available_memory_bytes()
   budget = None if available is None else int(available * (1 - _KEPT_FREE))
-  folders = [folder for folder in (_SHM, workdir or tempfile.gettempdir()) if os.path.isdir(folder)]
+  folders = _candidate_folders(workdir)
   fitting = [folder for folder in folders if _free_bytes(folder) >= need]
   if (budget is None or need <= budget) and fitting:
     return fitting[0]
