@@ -136,14 +136,6 @@ def onednn_conv_general_dilated(
   return _onednn_convolution(lhs, rhs, shape)
 
 
-def _result_shape(shape: onednn.ConvolutionShape, piece: str) -> tuple[int, ...]:
-  return {
-    "forward": (shape.batch, shape.output_height, shape.output_width, shape.out_channels),
-    "input_gradient": (shape.batch, shape.height, shape.width, shape.in_channels),
-    "kernel_gradient": (shape.kernel_height, shape.kernel_width, shape.in_channels, shape.out_channels),
-  }[piece]
-
-
 # One XLA custom-call target per piece; each takes two operands and a `geometry` attribute (the shape).
 _TARGETS = {piece: f"flax_detector_onednn_{piece}" for piece in ("forward", "input_gradient", "kernel_gradient")}
 
@@ -165,7 +157,7 @@ def _register_targets() -> None:
 def _piece(piece: str, shape: onednn.ConvolutionShape, first: jax.Array, second: jax.Array) -> jax.Array:
   """One piece as an XLA custom call that oneDNN computes in place in XLA's buffers (flax_detector.xla_ffi)."""
   _register_targets()
-  result = jax.ShapeDtypeStruct(_result_shape(shape, piece), jnp.float32)
+  result = jax.ShapeDtypeStruct(shape.result_shape(piece), jnp.float32)
   return jax.ffi.ffi_call(_TARGETS[piece], result)(first, second, geometry=shape.geometry)
 
 

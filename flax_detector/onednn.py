@@ -24,6 +24,7 @@ import threading
 from dataclasses import dataclass
 
 import numpy as np
+from absl import logging
 
 LIBRARY_NAME = "libdnnl.so.3"
 _Handle = ctypes.c_void_p
@@ -175,6 +176,14 @@ class ConvolutionShape:
     values = [int(value) for value in geometry]
     return cls(*values[:7], ((values[7], values[8]), (values[9], values[10])))
 
+  def result_shape(self, piece: str) -> tuple[int, int, int, int]:
+    """The shape of what `piece` ("forward", "input_gradient" or "kernel_gradient") computes."""
+    return {
+      "forward": (self.batch, self.output_height, self.output_width, self.out_channels),
+      "input_gradient": (self.batch, self.height, self.width, self.in_channels),
+      "kernel_gradient": (self.kernel_height, self.kernel_width, self.in_channels, self.out_channels),
+    }[piece]
+
   @property
   def flops(self) -> int:
     """Multiplies and adds of one piece (forward, input or kernel gradient: each the same product)."""
@@ -309,7 +318,7 @@ class Convolution:
 
   @property
   def implementations(self) -> dict[str, str]:
-    """oneDNN's name for the kernel each piece runs (e.g. brgconv:avx512_core), for benchmarks and logs."""
+    """oneDNN's name for the kernel each piece runs (e.g. brgconv:avx512_core), logged by `convolution`."""
     return {
       "forward": self._forward.implementation,
       "input gradient": self._input_gradient.implementation,
@@ -317,21 +326,17 @@ class Convolution:
     }
 
   def forward(self, inputs: np.ndarray, kernel: np.ndarray) -> np.ndarray:
-    s = self.shape
-    return self._on_arrays("forward", inputs, kernel, (s.batch, s.output_height, s.output_width, s.out_channels))
+    return self._on_arrays("forward", inputs, kernel)
 
   def input_gradient(self, output_gradient: np.ndarray, kernel: np.ndarray) -> np.ndarray:
-    s = self.shape
-    return self._on_arrays("input_gradient", output_gradient, kernel, (s.batch, s.height, s.width, s.in_channels))
+    return self._on_arrays("input_gradient", output_gradient, kernel)
 
   def kernel_gradient(self, inputs: np.ndarray, output_gradient: np.ndarray) -> np.ndarray:
-    s = self.shape
-    result_shape = (s.kernel_height, s.kernel_width, s.in_channels, s.out_channels)
-    return self._on_arrays("kernel_gradient", inputs, output_gradient, result_shape)
+    return self._on_arrays("kernel_gradient", inputs, output_gradient)
 
-  def _on_arrays(self, piece: str, first: np.ndarray, second: np.ndarray, result_shape: tuple[int, ...]) -> np.ndarray:
+  def _on_arrays(self, piece: str, first: np.ndarray, second: np.ndarray) -> np.ndarray:
     first, second = _float32(first), _float32(second)
-    result = np.empty(result_shape, np.float32)
+    result = np.empty(self.shape.result_shape(piece), np.float32)
     self.run(piece, first.ctypes.data, second.ctypes.data, result.ctypes.data)
     return result
 
@@ -374,4 +379,6 @@ def _float32(array: np.ndarray) -> np.ndarray:
 @functools.cache
 def convolution(shape: ConvolutionShape) -> Convolution:
   """The primitives for `shape`, created on first use (a few ms each) and kept for the process."""
-  return Convolution(shape)
+  created = Convolution(shape)
+  logging.info("oneDNN kernels for %s: %s", shape, created.implementations)
+  return created
