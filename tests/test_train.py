@@ -236,3 +236,21 @@ def test_calibration_reuses_the_last_validation_when_it_is_at_eval_grid(make_con
   positive = list(config.data.class_names).index(config.data.positive_class)
   expected = json.loads(json.dumps(report.fit_calibration(scores.log_probs, scores.labels, positive)))
   assert json.loads((tmp_path / "calibration.json").read_text()) == expected
+
+
+@pytest.mark.parametrize("scale", [0.01, 100.0], ids=["unclipped", "clipped"])
+def test_global_norm_clipping_matches_optax(scale):
+  gradients = {
+    "kernel": jax.random.normal(jax.random.key(0), (33, 17)) * scale,
+    "bias": jax.random.normal(jax.random.key(1), (17,)) * scale,
+  }
+  ours, _ = train.clip_by_global_norm(1.0).update(gradients, optax.ClipByGlobalNormState())
+  reference, _ = optax.clip_by_global_norm(1.0).update(gradients, optax.ClipByGlobalNormState())
+  for name in gradients:
+    if scale < 1:  # below the threshold the factor is exactly 1: the gradients pass through bitwise
+      np.testing.assert_array_equal(ours[name], gradients[name])
+    np.testing.assert_allclose(ours[name], reference[name], rtol=1e-6)
+  assert float(optax.global_norm(ours)) == pytest.approx(min(1.0, float(optax.global_norm(gradients))), rel=1e-6)
+  assert jax.tree.structure(train.clip_by_global_norm(1.0).init(gradients)) == jax.tree.structure(
+    optax.clip_by_global_norm(1.0).init(gradients)
+  )
