@@ -12,7 +12,7 @@ rounds alternating and the best round of each kept, then sums them over the mode
 upgrade it says in a minute or two whether the kernels, and so the step comparison of
 `python -m flax_detector.benchmark --compare_torch`, have moved. Where libdnnl loads (x86-64 Linux) a third
 column times the trainer's oneDNN path (flax_detector.convolution): the same oneDNN kernels PyTorch calls,
-plus the cost of reaching them from a jitted program (a host callback, one copy of each result). All sides
+plus the cost of reaching them from a jitted program (an XLA custom call on its own buffers). All sides
 share one process, and so the trainer's allocator settings (flax_detector.host_allocator). Without PyTorch
 only the JAX sides run.
 """
@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import jax
 
-from flax_detector import compilation, convolution, host_allocator
+from flax_detector import compilation, compute_library, convolution, host_allocator
 from flax_detector.models import VGG16_STAGES, scaled_width
 
 PIECES = ("forward", "input gradient", "weight gradient")
@@ -132,7 +132,7 @@ def main() -> None:
   if torch is not None and args.threads:
     torch.set_num_threads(args.threads)
   sides = {"XLA": jax.lax.conv_general_dilated}
-  if args.dtype == "float32" and convolution.onednn_unusable_reason() is None:
+  if args.dtype == "float32" and compute_library.onednn_unusable_reason() is None:
     sides["oneDNN"] = convolution.onednn_conv_general_dilated
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", f"torch {torch.__version__}" if torch else "")
   names = [*sides, *(["PyTorch"] if torch else [])]

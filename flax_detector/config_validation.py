@@ -8,7 +8,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from flax_detector import convolution, sharding, workdir
+from flax_detector import compute_library, sharding, workdir
 from flax_detector.data import host_resources
 from flax_detector.data.folder import BAD_FILE_POLICIES
 from flax_detector.preprocess import CROP_POLICIES, PREPROCESS_MODES
@@ -185,7 +185,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if init_from:
     raise ValueError(init_from)
   _check_dtype(config.model.dtype)
-  convolution.uses_onednn(config.model.get("convolutions", "auto"))  # a bad choice or an impossible "onednn"
+  compute_library.uses_onednn(config.model.get("library", "auto"))  # a bad choice or an impossible "onednn"
   if config.data.worker_count == -1:
     config.data.worker_count = host_resources.auto_worker_count()
     logging.info(

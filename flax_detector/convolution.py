@@ -1,69 +1,29 @@
-"""Which library computes the model's convolutions: XLA's own, or oneDNN on CPU. Chosen at trace time.
+"""Convolutions computed by oneDNN on CPU where model.library chooses it (flax_detector.compute_library).
 
-`config.model.convolutions`:
-  "xla":    lax.conv_general_dilated everywhere.
-  "onednn": oneDNN (flax_detector.onednn) for every float32, stride-1, ungrouped NHWC convolution; an error
-            where it cannot run (no libdnnl, not on CPU, several devices).
-  "auto":   oneDNN where it can run, XLA otherwise: accelerators, multi-device meshes and bfloat16 get XLA,
-            and a missing library only costs speed.
-
-oneDNN runs as XLA custom calls (flax_detector.xla_ffi: oneDNN reads and writes XLA's buffers in place)
-with a custom VJP: the forward pass, the input gradient and the kernel gradient are three separate calls, so
-XLA drops the ones nobody uses (the first layer's input gradient). A call sees the whole array of the device
-it runs on, hence the one-device condition: on a mesh of several devices XLA would gather every activation
-onto one of them. Results match XLA's convolution to float32 rounding and are bitwise repeatable run to run
-on the same machine and thread count (tests/test_convolution.py).
+Every float32, stride-1, undilated, ungrouped NHWC/HWIO convolution with explicit non-negative padding
+goes to oneDNN as three custom calls (flax_detector.onednn_calls); anything else stays with XLA. Results
+match XLA's convolution to float32 rounding and are bitwise repeatable run to run on the same machine and
+thread count (tests/test_convolution.py).
 """
 
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.extend.core
 import jax.numpy as jnp
-import numpy as np
-from absl import logging
 
-from flax_detector import onednn, xla_ffi
+from flax_detector import compute_library, onednn, onednn_calls
 
-CHOICES = ("auto", "xla", "onednn")
 _NHWC_HWIO = ("NHWC", "HWIO", "NHWC")
 
-
-def onednn_unusable_reason() -> str | None:
-  """Why oneDNN cannot compute this process's convolutions, or None when it can."""
-  if jax.default_backend() != "cpu":
-    return f"the default JAX backend is {jax.default_backend()}, not cpu"
-  if jax.device_count() != 1:
-    return f"the mesh has {jax.device_count()} devices; oneDNN runs as a host callback on one device only"
-  try:
-    onednn.require()
-  except onednn.OneDnnUnavailable as error:
-    return str(error)
-  return None
-
-
-@functools.cache
-def uses_onednn(choice: str) -> bool:
-  """Resolves model.convolutions for this process (once per choice: the answer cannot change within it)."""
-  if choice not in CHOICES:
-    raise ValueError(f"model.convolutions={choice!r}: choose one of {', '.join(CHOICES)}")
-  if choice == "xla":
-    return False
-  reason = onednn_unusable_reason()
-  if reason is None:
-    logging.info("Convolutions: oneDNN (model.convolutions=%r).", choice)
-    return True
-  if choice == "onednn":
-    raise ValueError(f'model.convolutions="onednn" cannot run here: {reason}. Use "auto" or "xla".')
-  logging.info("Convolutions: XLA (model.convolutions='auto': %s).", reason)
-  return False
+# forward (inputs, kernel), input gradient, kernel gradient: custom calls, differentiable as one function
+_onednn_convolution = onednn_calls.operation("convolution", onednn.ConvolutionShape.from_geometry, onednn.convolution)
 
 
 def conv_general_dilated_for(choice: str) -> Callable[..., jax.Array] | None:
-  """The `conv_general_dilated` to give flax.linen.Conv: None (Flax's default, XLA) or the oneDNN one."""
-  return onednn_conv_general_dilated if uses_onednn(choice) else None
+  """The `conv_general_dilated` to give flax.linen.Conv for model.library: None (Flax's default, XLA) or
+  the oneDNN one."""
+  return onednn_conv_general_dilated if compute_library.uses_onednn(choice) else None
 
 
 def _onednn_shape(
@@ -134,71 +94,3 @@ def onednn_conv_general_dilated(
       preferred_element_type,
     )
   return _onednn_convolution(lhs, rhs, shape)
-
-
-# One XLA custom-call target per piece; each takes two operands and a `geometry` attribute (the shape).
-_TARGETS = {piece: f"flax_detector_onednn_{piece}" for piece in ("forward", "input_gradient", "kernel_gradient")}
-
-
-def _handler(piece: str) -> xla_ffi.HandlerFunction:
-  def run(operands: Sequence[int], results: Sequence[int], attributes: dict[str, np.ndarray]) -> None:
-    shape = onednn.ConvolutionShape.from_geometry(attributes["geometry"])
-    onednn.convolution(shape).run(piece, operands[0], operands[1], results[0])
-
-  return run
-
-
-@functools.cache
-def _register_targets() -> None:
-  for piece, target in _TARGETS.items():
-    xla_ffi.register_cpu_target(target, _handler(piece))
-
-
-def _piece(piece: str, shape: onednn.ConvolutionShape, first: jax.Array, second: jax.Array) -> jax.Array:
-  """One piece as an XLA custom call that oneDNN computes in place in XLA's buffers (flax_detector.xla_ffi)."""
-  _register_targets()
-  result = jax.ShapeDtypeStruct(shape.result_shape(piece), jnp.float32)
-  return jax.ffi.ffi_call(_TARGETS[piece], result)(first, second, geometry=shape.geometry)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _onednn_convolution(inputs: jax.Array, kernel: jax.Array, shape: onednn.ConvolutionShape) -> jax.Array:
-  return _piece("forward", shape, inputs, kernel)
-
-
-def _forward(
-  inputs: jax.Array, kernel: jax.Array, shape: onednn.ConvolutionShape
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-  return _onednn_convolution(inputs, kernel, shape), (inputs, kernel)
-
-
-def _backward(
-  shape: onednn.ConvolutionShape, residuals: tuple[jax.Array, jax.Array], output_gradient: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-  inputs, kernel = residuals
-  # Two callbacks, not one: XLA removes an unused one (the first layer's input gradient).
-  input_gradient = _piece("input_gradient", shape, output_gradient, kernel)
-  kernel_gradient = _piece("kernel_gradient", shape, inputs, output_gradient)
-  return input_gradient, kernel_gradient
-
-
-_onednn_convolution.defvjp(_forward, _backward)
-
-
-def host_flops(jaxpr: jax.extend.core.Jaxpr) -> int:
-  """FLOPs of the oneDNN custom calls in a traced program, which XLA's cost analysis cannot see (to it a
-  custom call is opaque). A call whose result nothing reads is left out, as XLA removes it."""
-  read = {var for eqn in jaxpr.eqns for var in eqn.invars if isinstance(var, jax.extend.core.Var)}
-  read.update(var for var in jaxpr.outvars if isinstance(var, jax.extend.core.Var))
-  total = 0
-  for eqn in jaxpr.eqns:
-    if eqn.params.get("target_name") in _TARGETS.values() and any(var in read for var in eqn.outvars):
-      geometry = dict(eqn.params["attributes"])["geometry"]
-      total += onednn.ConvolutionShape.from_geometry(np.asarray(getattr(geometry, "val", geometry))).flops
-    for param in eqn.params.values():
-      for sub in param if isinstance(param, tuple | list) else (param,):
-        if isinstance(sub, jax.extend.core.ClosedJaxpr):
-          total += host_flops(sub.jaxpr)
-        elif isinstance(sub, jax.extend.core.Jaxpr):
-          total += host_flops(sub)
-  return total

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_detector import convolution
+from flax_detector import convolution, matmul
 
 # torchvision's configuration "D": conv widths per stage, each stage ends in a 2x2 max pool.
 VGG16_STAGES: tuple[tuple[int, ...], ...] = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
@@ -105,14 +105,15 @@ class VGG16(nn.Module):
   # (BatchNorm on its running statistics, no gradient) and only the classifier learns. Parameters and
   # numerics are unchanged when False.
   frozen_features: bool = False
-  # Which library computes the convolutions: "auto", "xla" or "onednn" (flax_detector.convolution). Not a
-  # parameter: checkpoints are the same whichever computes them.
-  convolutions: str = "xla"
+  # Which library computes the convolutions and Dense layers: "auto", "xla" or "onednn"
+  # (flax_detector.compute_library). Not a parameter: checkpoints are the same whichever computes them.
+  library: str = "xla"
 
   @nn.compact
   def __call__(self, images: jnp.ndarray, *, train: bool) -> jnp.ndarray:
     x = ((images.astype(jnp.float32) - _RGB_MEAN) / _RGB_STD).astype(self.dtype)
-    conv_general_dilated = convolution.conv_general_dilated_for(self.convolutions)
+    conv_general_dilated = convolution.conv_general_dilated_for(self.library)
+    dot_general = matmul.dot_general_for(self.library)
     for index, stage in enumerate(self.stages):
       for width in stage:
         conv = nn.Conv(
@@ -144,10 +145,10 @@ class VGG16(nn.Module):
     x = x.reshape((x.shape[0], -1))
     hidden = scaled_width(CLASSIFIER_WIDTH, self.width_multiplier)
     for _ in range(2):
-      x = nn.Dense(hidden, kernel_init=_dense_init, dtype=self.dtype)(x)
+      x = nn.Dense(hidden, kernel_init=_dense_init, dtype=self.dtype, dot_general=dot_general)(x)
       x = nn.relu(x)
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    logits = nn.Dense(self.num_classes, kernel_init=_dense_init, dtype=self.dtype)(x)
+    logits = nn.Dense(self.num_classes, kernel_init=_dense_init, dtype=self.dtype, dot_general=dot_general)(x)
     return logits.astype(jnp.float32)
 
 
@@ -161,7 +162,7 @@ def create_model(model_config: Any, num_classes: int, *, frozen_features: bool =
     dtype=jnp.dtype(model_config.dtype),
     frozen_features=frozen_features,
     # Configs saved before the setting existed (an older run's workdir) get the default.
-    convolutions=model_config.get("convolutions", "auto"),
+    library=model_config.get("library", "auto"),
   )
 
 

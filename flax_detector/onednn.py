@@ -1,4 +1,4 @@
-"""oneDNN's convolutions on host arrays, called through its C API with ctypes.
+"""oneDNN's convolutions and matmuls on host arrays, called through its C API with ctypes.
 
 Why: on x86 CPUs XLA (jaxlib 0.10.2) runs VGG16's 3x3 convolutions 2-3x slower than oneDNN, the library
 PyTorch uses (benchmarks/RESULTS.md, `benchmarks/conv_kernels.py`), and its own oneDNN rewriter does not
@@ -70,7 +70,7 @@ def _library() -> ctypes.CDLL:
     raise OneDnnUnavailable(
       "oneDNN (libdnnl.so.3) did not load: " + "; ".join(errors) + ". Install it with "
       "`pip install onednn-cpu-gomp==2023.2.0` (x86-64 Linux; it needs libgomp.so.1, GCC's OpenMP runtime), "
-      'point FLAX_DETECTOR_LIBDNNL at a libdnnl.so.3, or set model.convolutions = "xla".'
+      'point FLAX_DETECTOR_LIBDNNL at a libdnnl.so.3, or set model.library = "xla".'
     )
   library.dnnl_fmt_tag2str.restype = ctypes.c_char_p
   library.dnnl_primitive_desc_query_md.restype = _Handle
@@ -242,10 +242,15 @@ class _Memories:
       _library().dnnl_memory_destroy(memory)
 
 
-def _execute(primitive: _Handle, arguments: dict[int, _Handle]) -> None:
+def _execute_in_order(*calls: tuple[_Handle, dict[int, _Handle]]) -> None:
+  """Runs primitives one after the other with their arguments, and waits until the last has finished."""
+  library = _library()
   _, stream = _engine_and_stream()
-  packed = (_ExecArgument * len(arguments))(*(_ExecArgument(key, memory) for key, memory in arguments.items()))
-  _check(_library().dnnl_primitive_execute(primitive, stream, len(arguments), packed), "dnnl_primitive_execute")
+  with _EXECUTION_LOCK:
+    for primitive, arguments in calls:
+      packed = (_ExecArgument * len(arguments))(*(_ExecArgument(key, memory) for key, memory in arguments.items()))
+      _check(library.dnnl_primitive_execute(primitive, stream, len(arguments), packed), "dnnl_primitive_execute")
+    _check(library.dnnl_stream_wait(stream), "dnnl_stream_wait")
 
 
 class Convolution:
@@ -363,13 +368,105 @@ class Convolution:
       arguments = {argument: memories.wrap(*pair) for argument, pair in arrays.items()}
       arguments[kernel_argument] = staged
       reorder = {_ARG_SRC: staged, _ARG_DST: user} if step.kernel_is_output else {_ARG_SRC: user, _ARG_DST: staged}
-      with _EXECUTION_LOCK:
-        if not step.kernel_is_output:
-          _execute(step.reorder, reorder)
-        _execute(step.primitive, arguments)
-        if step.kernel_is_output:
-          _execute(step.reorder, reorder)
-        _check(_library().dnnl_stream_wait(_engine_and_stream()[1]), "dnnl_stream_wait")
+      if step.kernel_is_output:
+        _execute_in_order((step.primitive, arguments), (step.reorder, reorder))
+      else:
+        _execute_in_order((step.reorder, reorder), (step.primitive, arguments))
+
+
+@dataclass(frozen=True)
+class MatmulShape:
+  """(rows x depth) @ (depth x columns), row-major: a Dense layer's batch, input and output features."""
+
+  rows: int
+  depth: int
+  columns: int
+
+  @property
+  def geometry(self) -> np.ndarray:
+    """The shape as 3 int64s, the form an XLA custom call carries it in (see `from_geometry`)."""
+    return np.array([self.rows, self.depth, self.columns], np.int64)
+
+  @classmethod
+  def from_geometry(cls, geometry: np.ndarray) -> "MatmulShape":
+    return cls(*(int(value) for value in geometry))
+
+  def result_shape(self, piece: str) -> tuple[int, int]:
+    """The shape of what `piece` ("forward", "input_gradient" or "kernel_gradient") computes."""
+    return {
+      "forward": (self.rows, self.columns),
+      "input_gradient": (self.rows, self.depth),
+      "kernel_gradient": (self.depth, self.columns),
+    }[piece]
+
+  @property
+  def flops(self) -> int:
+    """Multiplies and adds of one piece (each of the three is the same product, transposed)."""
+    return 2 * self.rows * self.depth * self.columns
+
+
+class Matmul:
+  """The three oneDNN matmul primitives of one Dense layer shape, created once.
+
+  Each piece reads XLA's row-major operands where they are: a transposed operand is described to oneDNN
+  with swapped strides (tag "ba") rather than copied. Layouts are fixed (no reorders): the matmul kernels
+  oneDNN picks for them (brgemm) are its fastest here.
+  """
+
+  def __init__(self, shape: MatmulShape):
+    rows, depth, columns = shape.rows, shape.depth, shape.columns
+    self.shape = shape
+    # piece: (source, weights, destination) descriptors, each (dims, tag)
+    layouts = {
+      "forward": (((rows, depth), "ab"), ((depth, columns), "ab"), ((rows, columns), "ab")),
+      "input_gradient": (((rows, columns), "ab"), ((columns, depth), "ba"), ((rows, depth), "ab")),
+      "kernel_gradient": (((depth, rows), "ba"), ((rows, columns), "ab"), ((depth, columns), "ab")),
+    }
+    self._descriptors = {
+      piece: tuple(_memory_descriptor(dims, tag) for dims, tag in layout) for piece, layout in layouts.items()
+    }
+    self._primitives, self.implementations = {}, {}
+    engine, _ = _engine_and_stream()
+    for piece, (source, weights, destination) in self._descriptors.items():
+      descriptor = _Handle()
+      _check(
+        _library().dnnl_matmul_primitive_desc_create(
+          ctypes.byref(descriptor), engine, source, weights, None, destination, None
+        ),
+        "dnnl_matmul_primitive_desc_create",
+      )
+      self._primitives[piece] = _primitive(descriptor)
+      self.implementations[piece] = _implementation(descriptor)
+
+  def forward(self, inputs: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    return self._on_arrays("forward", inputs, kernel)
+
+  def input_gradient(self, output_gradient: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    return self._on_arrays("input_gradient", output_gradient, kernel)
+
+  def kernel_gradient(self, inputs: np.ndarray, output_gradient: np.ndarray) -> np.ndarray:
+    return self._on_arrays("kernel_gradient", inputs, output_gradient)
+
+  def _on_arrays(self, piece: str, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    first, second = _float32(first), _float32(second)
+    result = np.empty(self.shape.result_shape(piece), np.float32)
+    self.run(piece, first.ctypes.data, second.ctypes.data, result.ctypes.data)
+    return result
+
+  def run(self, piece: str, first: int, second: int, result: int) -> None:
+    """Computes `piece` from the float32, C-order arrays at addresses `first` and `second` into `result`:
+    forward (inputs, kernel) -> outputs; input_gradient (output gradient, kernel) -> input gradient;
+    kernel_gradient (inputs, output gradient) -> kernel gradient."""
+    if piece not in self._primitives:
+      raise ValueError(f"unknown matmul piece {piece!r}")
+    source, weights, destination = self._descriptors[piece]
+    with _Memories() as memories:
+      arguments = {
+        _ARG_SRC: memories.wrap(source, first),
+        _ARG_WEIGHTS: memories.wrap(weights, second),
+        _ARG_DST: memories.wrap(destination, result),
+      }
+      _execute_in_order((self._primitives[piece], arguments))
 
 
 def _float32(array: np.ndarray) -> np.ndarray:
@@ -380,5 +477,13 @@ def _float32(array: np.ndarray) -> np.ndarray:
 def convolution(shape: ConvolutionShape) -> Convolution:
   """The primitives for `shape`, created on first use (a few ms each) and kept for the process."""
   created = Convolution(shape)
+  logging.info("oneDNN kernels for %s: %s", shape, created.implementations)
+  return created
+
+
+@functools.cache
+def matmul(shape: MatmulShape) -> Matmul:
+  """The primitives for `shape`, created on first use and kept for the process."""
+  created = Matmul(shape)
   logging.info("oneDNN kernels for %s: %s", shape, created.implementations)
   return created

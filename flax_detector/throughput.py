@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 from clu import metric_writers
 
-from flax_detector import convolution, input_pipeline, sharding
+from flax_detector import input_pipeline, onednn_calls, sharding
 
 TORCH_REFERENCE = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "torch_reference.py"
 
@@ -112,9 +112,9 @@ class TrainStepTimer:
     compiled = experiment.train_step.lower(state, batch).compile()
     compile_seconds = time.perf_counter() - start
     # Per device: under jit over a mesh, XLA analyses the partitioned program one device runs. oneDNN's
-    # convolutions are host callbacks XLA cannot see into (they run on one device only); they are counted apart.
+    # convolutions and matmuls are custom calls XLA cannot see into (one-device runs only); counted apart.
     flops = float((compiled.cost_analysis() or {}).get("flops", 0.0))
-    flops += convolution.host_flops(experiment.train_step.trace(state, batch).jaxpr.jaxpr)
+    flops += onednn_calls.host_flops(experiment.train_step.trace(state, batch).jaxpr.jaxpr)
     timer = cls(experiment, compiled, state, batch, compile_seconds, flops)
     timer.run(warmup)
     return timer

@@ -1,5 +1,6 @@
-"""oneDNN convolutions (flax_detector.onednn via flax_detector.convolution) against XLA's, and the choice
-between them. The numeric tests need libdnnl (the `onednn-cpu-gomp` wheel, a dependency on x86-64 Linux)."""
+"""oneDNN convolutions (flax_detector.onednn via flax_detector.convolution) against XLA's, the whole model
+with oneDNN (convolutions and Dense layers) against XLA, and the choice between them (model.library). The
+numeric tests need libdnnl (the `onednn-cpu-gomp` wheel, a dependency on x86-64 Linux)."""
 
 import functools
 import os
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flax_detector import convolution, onednn
+from flax_detector import compute_library, convolution, onednn, onednn_calls
 from flax_detector.models import VGG16, init_variables
 
 
@@ -116,9 +117,9 @@ def test_convolutions_onednn_cannot_do_stay_with_xla():
 
 
 @needs_onednn
-def test_host_flops_counts_the_callbacks_xla_keeps():
-  """host_flops adds what XLA's cost analysis cannot see inside a callback: here a forward pass and both
-  gradients of a first layer minus its input gradient, which nothing reads (so XLA drops that callback)."""
+def test_host_flops_counts_the_custom_calls_xla_keeps():
+  """host_flops adds what XLA's cost analysis cannot see inside a custom call: here a forward pass and both
+  gradients of a first layer minus its input gradient, which nothing reads (so XLA drops that call)."""
   images = jnp.ones((4, 16, 16, 3))
   kernel = jnp.ones((3, 3, 3, 8))
 
@@ -128,7 +129,7 @@ def test_host_flops_counts_the_callbacks_xla_keeps():
 
   shape = onednn.ConvolutionShape(4, 16, 16, 3, 8, 3, 3, ((1, 1), (1, 1)))
   assert shape.flops == 2 * 4 * 16 * 16 * 8 * 3 * 3 * 3
-  counted = convolution.host_flops(jax.jit(jax.grad(loss)).trace(kernel).jaxpr.jaxpr)
+  counted = onednn_calls.host_flops(jax.jit(jax.grad(loss)).trace(kernel).jaxpr.jaxpr)
   assert counted == 2 * shape.flops  # forward + kernel gradient
 
 
@@ -138,18 +139,18 @@ def onednn_allowed(monkeypatch):
   oneDNN, so the device condition is lifted for the test (and the cached choice cleared around it)."""
   if _why_onednn_is_missing() is not None:
     pytest.skip(_why_onednn_is_missing())
-  monkeypatch.setattr(convolution, "onednn_unusable_reason", lambda: None)
-  convolution.uses_onednn.cache_clear()
+  monkeypatch.setattr(compute_library, "onednn_unusable_reason", lambda: None)
+  compute_library.uses_onednn.cache_clear()
   yield
-  convolution.uses_onednn.cache_clear()
+  compute_library.uses_onednn.cache_clear()
 
 
 @pytest.mark.parametrize("batch_norm", [True, False])
-def test_vgg16_with_onednn_convolutions_matches_xla_and_repeats_bitwise(onednn_allowed, batch_norm):
+def test_vgg16_with_onednn_matches_xla_and_repeats_bitwise(onednn_allowed, batch_norm):
   images = jax.random.randint(jax.random.key(2), (4, 32, 32, 3), 0, 256).astype(jnp.uint8)
   results = {}
   for choice in ("xla", "onednn"):
-    model = VGG16(batch_norm=batch_norm, width_multiplier=1 / 16, dropout_rate=0.0, convolutions=choice)
+    model = VGG16(batch_norm=batch_norm, width_multiplier=1 / 16, dropout_rate=0.0, library=choice)
     variables = init_variables(model, 32, jax.random.key(0))
 
     def loss(params, model=model, variables=variables):
@@ -169,12 +170,12 @@ def test_vgg16_with_onednn_convolutions_matches_xla_and_repeats_bitwise(onednn_a
 
 def test_auto_picks_xla_on_several_devices_and_onednn_says_why_it_cannot_run():
   assert jax.device_count() == 8  # tests/conftest.py
-  assert convolution.uses_onednn("xla") is False
-  assert convolution.uses_onednn("auto") is False
-  with pytest.raises(ValueError, match='model.convolutions="onednn" cannot run here: .*8 devices'):
-    convolution.uses_onednn("onednn")
-  with pytest.raises(ValueError, match="model.convolutions='cudnn'"):
-    convolution.uses_onednn("cudnn")
+  assert compute_library.uses_onednn("xla") is False
+  assert compute_library.uses_onednn("auto") is False
+  with pytest.raises(ValueError, match='model.library="onednn" cannot run here: .*8 devices'):
+    compute_library.uses_onednn("onednn")
+  with pytest.raises(ValueError, match="model.library='cudnn'"):
+    compute_library.uses_onednn("cudnn")
 
 
 def test_a_missing_library_names_what_was_tried_and_how_to_install_it():
