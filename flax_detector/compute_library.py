@@ -30,11 +30,7 @@ def onednn_unusable_reason() -> str | None:
     return f"the default JAX backend is {jax.default_backend()}, not cpu"
   if jax.device_count() != 1:
     return f"the mesh has {jax.device_count()} devices; oneDNN runs as a custom call on one device only"
-  try:
-    onednn.require()
-  except onednn.OneDnnUnavailable as error:
-    return str(error)
-  return None
+  return onednn.why_unavailable()
 
 
 @functools.cache

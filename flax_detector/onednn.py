@@ -80,9 +80,13 @@ def _library() -> ctypes.CDLL:
   return library
 
 
-def require() -> None:
-  """Loads libdnnl, or raises OneDnnUnavailable saying what was tried and how to install it."""
-  _library()
+def why_unavailable() -> str | None:
+  """What stops libdnnl from loading (what was tried, how to install it), or None when it loads."""
+  try:
+    _library()
+  except OneDnnUnavailable as error:
+    return str(error)
+  return None
 
 
 def _check(status: int, call: str) -> None:
@@ -253,7 +257,32 @@ def _execute_in_order(*calls: tuple[_Handle, dict[int, _Handle]]) -> None:
     _check(library.dnnl_stream_wait(stream), "dnnl_stream_wait")
 
 
-class Convolution:
+class _Pieces:
+  """The three pieces of an operation on numpy arrays, for tests and benchmarks; the trainer calls `run`
+  on XLA's buffers (flax_detector.onednn_calls)."""
+
+  shape: "ConvolutionShape | MatmulShape"
+
+  def run(self, piece: str, first: int, second: int, result: int) -> None:
+    raise NotImplementedError
+
+  def forward(self, inputs: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    return self._on_arrays("forward", inputs, kernel)
+
+  def input_gradient(self, output_gradient: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    return self._on_arrays("input_gradient", output_gradient, kernel)
+
+  def kernel_gradient(self, inputs: np.ndarray, output_gradient: np.ndarray) -> np.ndarray:
+    return self._on_arrays("kernel_gradient", inputs, output_gradient)
+
+  def _on_arrays(self, piece: str, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    first, second = _float32(first), _float32(second)
+    result = np.empty(self.shape.result_shape(piece), np.float32)
+    self.run(piece, first.ctypes.data, second.ctypes.data, result.ctypes.data)
+    return result
+
+
+class Convolution(_Pieces):
   """The three oneDNN primitives of one convolution shape, created once and run on numpy arrays."""
 
   def __init__(self, shape: ConvolutionShape):
@@ -330,21 +359,6 @@ class Convolution:
       "kernel gradient": self._kernel_gradient.implementation,
     }
 
-  def forward(self, inputs: np.ndarray, kernel: np.ndarray) -> np.ndarray:
-    return self._on_arrays("forward", inputs, kernel)
-
-  def input_gradient(self, output_gradient: np.ndarray, kernel: np.ndarray) -> np.ndarray:
-    return self._on_arrays("input_gradient", output_gradient, kernel)
-
-  def kernel_gradient(self, inputs: np.ndarray, output_gradient: np.ndarray) -> np.ndarray:
-    return self._on_arrays("kernel_gradient", inputs, output_gradient)
-
-  def _on_arrays(self, piece: str, first: np.ndarray, second: np.ndarray) -> np.ndarray:
-    first, second = _float32(first), _float32(second)
-    result = np.empty(self.shape.result_shape(piece), np.float32)
-    self.run(piece, first.ctypes.data, second.ctypes.data, result.ctypes.data)
-    return result
-
   def run(self, piece: str, first: int, second: int, result: int) -> None:
     """Computes `piece` from the float32, C-order arrays at addresses `first` and `second` into `result`:
     forward (inputs, kernel) -> outputs; input_gradient (output gradient, kernel) -> input gradient;
@@ -405,7 +419,7 @@ class MatmulShape:
     return 2 * self.rows * self.depth * self.columns
 
 
-class Matmul:
+class Matmul(_Pieces):
   """The three oneDNN matmul primitives of one Dense layer shape, created once.
 
   Each piece reads XLA's row-major operands where they are: a transposed operand is described to oneDNN
@@ -437,21 +451,6 @@ class Matmul:
       )
       self._primitives[piece] = _primitive(descriptor)
       self.implementations[piece] = _implementation(descriptor)
-
-  def forward(self, inputs: np.ndarray, kernel: np.ndarray) -> np.ndarray:
-    return self._on_arrays("forward", inputs, kernel)
-
-  def input_gradient(self, output_gradient: np.ndarray, kernel: np.ndarray) -> np.ndarray:
-    return self._on_arrays("input_gradient", output_gradient, kernel)
-
-  def kernel_gradient(self, inputs: np.ndarray, output_gradient: np.ndarray) -> np.ndarray:
-    return self._on_arrays("kernel_gradient", inputs, output_gradient)
-
-  def _on_arrays(self, piece: str, first: np.ndarray, second: np.ndarray) -> np.ndarray:
-    first, second = _float32(first), _float32(second)
-    result = np.empty(self.shape.result_shape(piece), np.float32)
-    self.run(piece, first.ctypes.data, second.ctypes.data, result.ctypes.data)
-    return result
 
   def run(self, piece: str, first: int, second: int, result: int) -> None:
     """Computes `piece` from the float32, C-order arrays at addresses `first` and `second` into `result`:

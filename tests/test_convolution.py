@@ -15,16 +15,7 @@ import pytest
 from flax_detector import compute_library, convolution, onednn, onednn_calls
 from flax_detector.models import VGG16, init_variables
 
-
-def _why_onednn_is_missing() -> str | None:
-  try:
-    onednn.require()
-  except onednn.OneDnnUnavailable as error:
-    return str(error)
-  return None
-
-
-needs_onednn = pytest.mark.skipif(_why_onednn_is_missing() is not None, reason=str(_why_onednn_is_missing()))
+needs_onednn = pytest.mark.skipif(onednn.why_unavailable() is not None, reason=str(onednn.why_unavailable()))
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
@@ -137,8 +128,8 @@ def test_host_flops_counts_the_custom_calls_xla_keeps():
 def onednn_allowed(monkeypatch):
   """The tests run on 8 simulated devices, where "auto" picks XLA; a model applied without a mesh can use
   oneDNN, so the device condition is lifted for the test (and the cached choice cleared around it)."""
-  if _why_onednn_is_missing() is not None:
-    pytest.skip(_why_onednn_is_missing())
+  if onednn.why_unavailable() is not None:
+    pytest.skip(onednn.why_unavailable())
   monkeypatch.setattr(compute_library, "onednn_unusable_reason", lambda: None)
   compute_library.uses_onednn.cache_clear()
   yield
@@ -179,10 +170,7 @@ def test_auto_picks_xla_on_several_devices_and_onednn_says_why_it_cannot_run():
 
 
 def test_a_missing_library_names_what_was_tried_and_how_to_install_it():
-  script = (
-    "from flax_detector import onednn\n"
-    "try:\n  onednn.require()\nexcept onednn.OneDnnUnavailable as error:\n  print(error)"
-  )
+  script = "from flax_detector import onednn\nprint(onednn.why_unavailable())"
   env = dict(os.environ, FLAX_DETECTOR_LIBDNNL="/nonexistent/libdnnl.so.3")
   done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
   assert "/nonexistent/libdnnl.so.3" in done.stdout

@@ -11,15 +11,7 @@ from flax_detector import matmul, onednn, onednn_calls
 _DENSE = (((1,), (0,)), ((), ()))
 
 
-def _why_onednn_is_missing() -> str | None:
-  try:
-    onednn.require()
-  except onednn.OneDnnUnavailable as error:
-    return str(error)
-  return None
-
-
-pytestmark = pytest.mark.skipif(_why_onednn_is_missing() is not None, reason=str(_why_onednn_is_missing()))
+pytestmark = pytest.mark.skipif(onednn.why_unavailable() is not None, reason=str(onednn.why_unavailable()))
 
 
 def _value_and_gradients(dot_general, inputs, kernel):
@@ -73,3 +65,19 @@ def test_host_flops_counts_the_three_products():
   assert counted((0, 1)) == 3 * shape.flops
   # Only the kernel gradient is read: XLA drops the input gradient's call, and it is not counted.
   assert counted(1) == 2 * shape.flops
+
+
+def test_the_primitives_read_transposed_operands_in_place():
+  """Each piece reads a row-major operand as its transpose through strides (no copy): check all three on
+  numpy arrays against numpy's products."""
+  rng = np.random.default_rng(0)
+  inputs, kernel = rng.standard_normal((6, 9), np.float32), rng.standard_normal((9, 4), np.float32)
+  output_gradient = rng.standard_normal((6, 4), np.float32)
+  primitives = onednn.matmul(onednn.MatmulShape(6, 9, 4))
+  np.testing.assert_allclose(primitives.forward(inputs, kernel), inputs @ kernel, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    primitives.input_gradient(output_gradient, kernel), output_gradient @ kernel.T, rtol=1e-5, atol=1e-5
+  )
+  np.testing.assert_allclose(
+    primitives.kernel_gradient(inputs, output_gradient), inputs.T @ output_gradient, rtol=1e-5, atol=1e-5
+  )
