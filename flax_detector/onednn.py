@@ -2,15 +2,16 @@
 
 Why: on x86 CPUs XLA (jaxlib 0.10.2) runs VGG16's 3x3 convolutions 2-3x slower than oneDNN, the library
 PyTorch uses (benchmarks/RESULTS.md, `benchmarks/conv_kernels.py`), and its own oneDNN rewriter does not
-claim them. `flax_detector.convolution` calls these kernels from the jitted step on CPU, as XLA custom calls
-on XLA's own buffers (`Convolution.run` takes their addresses).
+claim them; its products for the first Dense layer are up to 2x slower too. `flax_detector.convolution` and
+`flax_detector.matmul` call these kernels from the jitted step on CPU, as XLA custom calls on XLA's own
+buffers (flax_detector.onednn_calls; `Convolution.run` and `Matmul.run` take their addresses).
 
 The library comes from the `onednn-cpu-gomp` wheel (a dependency on x86-64 Linux), which installs
 `libdnnl.so.3` (oneDNN 3.x, GNU OpenMP threads) into the environment's `lib/`. Nothing is compiled: the
 functions used here are oneDNN's stable v3 C API. Format tags are looked up by name at load time; the other
 enum values below are fixed by that API (include/oneapi/dnnl/dnnl_types.h).
 
-Activations are NHWC and kernels HWIO, as in Flax, float32 only. Each primitive lets oneDNN choose the
+Convolutions: activations are NHWC and kernels HWIO, as in Flax, float32 only. Each primitive lets oneDNN choose the
 kernel layout it runs fastest with (format "any"), and reorders the HWIO kernel into it and the kernel
 gradient back out of it; for the small kernels of VGG16 that reorder costs microseconds, while a kernel
 pinned to HWIO sends the gradients to a slower im2col + GEMM path (3x slower on the cpu preset).
