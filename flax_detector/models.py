@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_detector import convolution, matmul
+from flax_detector.pooled_dense import PooledDense
 
 # torchvision's configuration "D": conv widths per stage, each stage ends in a 2x2 max pool.
 VGG16_STAGES: tuple[tuple[int, ...], ...] = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
@@ -31,27 +32,6 @@ _dense_init = nn.initializers.normal(stddev=0.01)
 
 def scaled_width(width: int, multiplier: float) -> int:
   return max(1, int(round(width * multiplier)))
-
-
-def adaptive_avg_pool(x: jnp.ndarray, output_side: int) -> jnp.ndarray:
-  """torch.nn.AdaptiveAvgPool2d on NHWC: bin i spans [floor(i*H/out), ceil((i+1)*H/out)).
-
-  Written as two small averaging matrices so it is exact for any input side, including inputs
-  smaller than the output (64-px crops reach this layer at 2x2 and are replicated, like torch).
-  """
-
-  def bins(size: int) -> np.ndarray:
-    matrix = np.zeros((output_side, size), np.float32)
-    for i in range(output_side):
-      start, end = (i * size) // output_side, -((-(i + 1) * size) // output_side)
-      matrix[i, start:end] = 1.0 / (end - start)
-    return matrix
-
-  height, width = x.shape[1:3]
-  if (height, width) == (output_side, output_side):
-    return x
-  rows, cols = jnp.asarray(bins(height), x.dtype), jnp.asarray(bins(width), x.dtype)
-  return jnp.einsum("ih,nhwc,jw->nijc", rows, x, cols)
 
 
 def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
@@ -139,16 +119,17 @@ class VGG16(nn.Module):
         self.sow("intermediates", LAST_CONV_FEATURES, x)
         x = self.perturb(LAST_CONV_FEATURES, x)
       x = max_pool_2x2(x)
-    x = adaptive_avg_pool(x, POOLED_SIDE)
     if self.frozen_features:
       x = jax.lax.stop_gradient(x)
-    x = x.reshape((x.shape[0], -1))
     hidden = scaled_width(CLASSIFIER_WIDTH, self.width_multiplier)
-    for _ in range(2):
-      x = nn.Dense(hidden, kernel_init=_dense_init, dtype=self.dtype, dot_general=dot_general)(x)
-      x = nn.relu(x)
-      x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    logits = nn.Dense(self.num_classes, kernel_init=_dense_init, dtype=self.dtype, dot_general=dot_general)(x)
+    # torchvision's avgpool, flatten and first Linear in one, named as the nn.Dense it stands for.
+    x = PooledDense(hidden, POOLED_SIDE, _dense_init, dtype=self.dtype, dot_general=dot_general, name="Dense_0")(x)
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(nn.relu(x))
+    x = nn.Dense(hidden, kernel_init=_dense_init, dtype=self.dtype, dot_general=dot_general, name="Dense_1")(x)
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(nn.relu(x))
+    logits = nn.Dense(
+      self.num_classes, kernel_init=_dense_init, dtype=self.dtype, dot_general=dot_general, name="Dense_2"
+    )(x)
     return logits.astype(jnp.float32)
 
 

@@ -9,11 +9,11 @@ import pytest
 from flax_detector.models import (
   LAST_CONV_FEATURES,
   VGG16,
-  adaptive_avg_pool,
   init_variables,
   max_pool_2x2,
   view_averaged_log_probs,
 )
+from flax_detector.pooled_dense import adaptive_avg_pool
 
 
 def _param_count(model: VGG16, side: int = 224) -> int:
