@@ -59,16 +59,16 @@ class PooledDense(nn.Module):
     cells = self.output_side * self.output_side
     kernel = self.param("kernel", self.kernel_init, (cells * channels, self.features), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     dot_general = self.dot_general or jax.lax.dot_general
     if height * width < cells:
-      # P[(i, j), (h, w)]: how much input cell (h, w) weighs in pooled cell (i, j).
+      # P[(i, j), (h, w)]: how much input cell (h, w) weighs in pooled cell (i, j). Folded in float32, before
+      # the cast to the compute dtype: one read of the kernel, and no bfloat16 rounding of the sums.
       pooling = np.kron(adaptive_pool_matrix(height, self.output_side), adaptive_pool_matrix(width, self.output_side))
       blocks = kernel.reshape(cells, channels * self.features)
-      kernel = _matmul(dot_general, jnp.asarray(pooling.T, kernel.dtype), blocks)
-      kernel = kernel.reshape(height * width * channels, self.features)
+      kernel = _matmul(dot_general, jnp.asarray(pooling.T), blocks).reshape(height * width * channels, self.features)
     else:
       x = adaptive_avg_pool(x, self.output_side)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     return _matmul(dot_general, x.reshape(batch, -1), kernel) + bias
 
 

@@ -63,3 +63,16 @@ def test_same_parameters_as_the_dense_layer_it_stands_for():
   reference = WithDense().init(jax.random.key(4), jnp.zeros((1, _SIDE * _SIDE * 8)))
   for actual, expected in zip(jax.tree.leaves(ours), jax.tree.leaves(reference), strict=True):
     assert np.asarray(actual).tobytes() == np.asarray(expected).tobytes()
+
+
+def test_bfloat16_compute_agrees_with_pooling_first():
+  """The fold runs on the float32 kernel, before the cast to the compute dtype."""
+  x = jax.random.normal(jax.random.key(0), (4, 2, 2, 16))
+  pooled_dense = PooledDense(8, _SIDE, nn.initializers.normal(1.0), dtype=jnp.bfloat16)
+  params = pooled_dense.init(jax.random.key(1), x)
+  dense = nn.Dense(8, dtype=jnp.bfloat16)
+  ours = pooled_dense.apply(params, x)
+  reference = dense.apply(params, adaptive_avg_pool(x.astype(jnp.bfloat16), _SIDE).reshape(4, -1))
+  assert ours.dtype == reference.dtype == jnp.bfloat16
+  ours, reference = np.asarray(ours, np.float32), np.asarray(reference, np.float32)
+  np.testing.assert_allclose(ours, reference, rtol=2e-2, atol=2e-2 * float(np.max(np.abs(reference))))
