@@ -3,21 +3,24 @@
 Every float32, stride-1, undilated, ungrouped NHWC/HWIO convolution with explicit non-negative padding
 goes to oneDNN as three custom calls (flax_detector.onednn_calls); anything else stays with XLA. Results
 match XLA's convolution to float32 rounding and are bitwise repeatable run to run on the same machine and
-thread count (tests/test_convolution.py).
+thread count (tests/test_convolution.py). For evaluation and prediction, `conv_bias_relu` runs
+relu(conv + bias) as one oneDNN primitive.
 """
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from flax_detector import compute_library, onednn, onednn_calls
+from flax_detector import compute_library, onednn, onednn_calls, xla_ffi
 
 _NHWC_HWIO = ("NHWC", "HWIO", "NHWC")
 
 # forward (inputs, kernel), input gradient, kernel gradient: custom calls, differentiable as one function
 _onednn_convolution = onednn_calls.operation("convolution", onednn.ConvolutionShape.from_geometry, onednn.convolution)
+_BIAS_RELU_TARGET = "flax_detector_onednn_convolution_bias_relu"
 
 
 def conv_general_dilated_for(choice: str) -> Callable[..., jax.Array] | None:
@@ -94,3 +97,48 @@ def onednn_conv_general_dilated(
       preferred_element_type,
     )
   return _onednn_convolution(lhs, rhs, shape)
+
+
+def conv_bias_relu(
+  choice: str, inputs: jax.Array, kernel: jax.Array, bias: jax.Array, padding: Sequence[tuple[int, int]]
+) -> jax.Array | None:
+  """relu(conv(inputs, kernel) + bias) for a stride-1 NHWC/HWIO convolution as one oneDNN primitive, where
+  model.library computes convolutions with oneDNN and it takes this one; None otherwise (the caller
+  computes it as before).
+
+  Evaluation and prediction only need this forward pass: it saves XLA's separate bias-and-ReLU pass over
+  every activation. It stays differentiable (Grad-CAM differentiates the evaluation model) through the
+  training convolution, as relu(conv + bias).
+  """
+  if not compute_library.uses_onednn(choice):
+    return None
+  padding = tuple(tuple(pair) for pair in padding)
+  shape = _onednn_shape(inputs, kernel, (1, 1), padding, None, None, _NHWC_HWIO, 1)
+  if shape is None or bias.shape != (shape.out_channels,) or bias.dtype != jnp.float32:
+    return None
+  return _fused_bias_relu(inputs, kernel, bias, shape)
+
+
+@functools.cache
+def _register_bias_relu_target() -> None:
+  def run(operands: Sequence[int], results: Sequence[int], attributes: dict[str, Any]) -> None:
+    shape = onednn.ConvolutionShape.from_geometry(attributes["geometry"])
+    onednn.convolution(shape).run_with_bias_and_relu(*operands, results[0])
+
+  xla_ffi.register_cpu_target(_BIAS_RELU_TARGET, run)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def _fused_bias_relu(
+  inputs: jax.Array, kernel: jax.Array, bias: jax.Array, shape: onednn.ConvolutionShape
+) -> jax.Array:
+  _register_bias_relu_target()
+  result = jax.ShapeDtypeStruct(shape.result_shape("forward"), jnp.float32)
+  return jax.ffi.ffi_call(_BIAS_RELU_TARGET, result)(inputs, kernel, bias, geometry=shape.geometry)
+
+
+@_fused_bias_relu.defjvp
+def _fused_bias_relu_jvp(
+  shape: onednn.ConvolutionShape, primals: tuple[jax.Array, ...], tangents: tuple[jax.Array, ...]
+) -> tuple[jax.Array, jax.Array]:
+  return jax.jvp(lambda x, k, b: jax.nn.relu(_onednn_convolution(x, k, shape) + b), primals, tangents)

@@ -50,22 +50,30 @@ def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
   return x.reshape(batch, height // 2, 2, width // 2, 2, channels).max(axis=(2, 4))
 
 
-def conv_with_folded_batch_norm(conv: nn.Conv, norm: nn.BatchNorm, x: jnp.ndarray) -> jnp.ndarray:
-  """norm(conv(x)) for a BatchNorm on its running statistics, computed as one convolution.
+def conv_relu_for_evaluation(conv: nn.Conv, norm: nn.BatchNorm | None, x: jnp.ndarray, library: str) -> jnp.ndarray:
+  """relu(norm(conv(x))) (relu(conv(x)) without BatchNorm) for evaluation and prediction, in one convolution.
 
-  The statistics are folded into the kernel and bias (kernel * s, (bias - mean) * s + beta with
-  s = gamma / sqrt(var + eps)): equal in real arithmetic, within float rounding in practice (tested), and
-  one pass less over every activation in evaluation and prediction: the cpu preset's eval forward about 20%
-  faster on CPU (benchmarks/RESULTS.md). `conv` and `norm` keep their own parameters, so checkpoints and
-  weight imports do not change.
+  A BatchNorm on its running statistics is folded into the kernel and bias (kernel * s, (bias - mean) * s +
+  beta with s = gamma / sqrt(var + eps)): equal in real arithmetic, within float rounding in practice
+  (tested), and one pass less over every activation: the cpu preset's eval forward about 20% faster on CPU
+  (benchmarks/RESULTS.md). Where oneDNN computes the model, the bias and the ReLU are applied inside its
+  convolution too (flax_detector.convolution.conv_bias_relu), one more pass less. `conv` and `norm` keep
+  their own parameters, so checkpoints and weight imports do not change.
   """
-  conv_params, norm_params = conv.variables["params"], norm.variables["params"]
-  statistics = norm.variables["batch_stats"]
-  scale = norm_params["scale"] * jax.lax.rsqrt(statistics["var"] + norm.epsilon)
-  kernel = conv_params["kernel"] * scale
-  bias = (conv_params["bias"] - statistics["mean"]) * scale + norm_params["bias"]
+  params = conv.variables["params"]
+  kernel, bias = params["kernel"], params["bias"]
+  if norm is not None:
+    statistics = norm.variables["batch_stats"]
+    scale = norm.variables["params"]["scale"] * jax.lax.rsqrt(statistics["var"] + norm.epsilon)
+    kernel, bias = kernel * scale, (bias - statistics["mean"]) * scale + norm.variables["params"]["bias"]
+  if isinstance(conv.padding, int):
+    fused = convolution.conv_bias_relu(library, x, kernel, bias, [(conv.padding, conv.padding)] * 2)
+    if fused is not None:
+      return fused
+  if norm is None:
+    return nn.relu(conv(x))
   # The same convolution (padding, layout, dtype) as `conv`, only with the folded parameters.
-  return conv.clone(parent=None).apply({"params": {"kernel": kernel, "bias": bias}}, x)
+  return nn.relu(conv.clone(parent=None).apply({"params": {"kernel": kernel, "bias": bias}}, x))
 
 
 class VGG16(nn.Module):
@@ -104,17 +112,17 @@ class VGG16(nn.Module):
           dtype=self.dtype,
           conv_general_dilated=conv_general_dilated,
         )
-        if not self.batch_norm:
-          x = conv(x)
-        else:
-          # torch momentum 0.1 is Flax momentum 0.9. Under jit over a sharded batch the statistics
-          # are computed over the global batch. Evaluation folds the running statistics into the conv.
+        # torch momentum 0.1 is Flax momentum 0.9. Under jit over a sharded batch the statistics are computed
+        # over the global batch. Evaluation folds the running statistics into the conv.
+        norm = None
+        if self.batch_norm:
           norm = nn.BatchNorm(
             use_running_average=not train or self.frozen_features, momentum=0.9, epsilon=1e-5, dtype=self.dtype
           )
-          evaluating = not train and not self.is_initializing()
-          x = conv_with_folded_batch_norm(conv, norm, x) if evaluating else norm(conv(x))
-        x = nn.relu(x)
+        if not train and not self.is_initializing():
+          x = conv_relu_for_evaluation(conv, norm, x, self.library)
+        else:
+          x = nn.relu(conv(x) if norm is None else norm(conv(x)))
       if index == len(self.stages) - 1:
         self.sow("intermediates", LAST_CONV_FEATURES, x)
         x = self.perturb(LAST_CONV_FEATURES, x)

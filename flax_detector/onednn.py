@@ -35,11 +35,13 @@ _CPU_ENGINE = 1  # dnnl_cpu
 _STREAM_DEFAULT_FLAGS = 1  # dnnl_stream_in_order
 _FLOAT32 = 3  # dnnl_f32
 _FORWARD_TRAINING = 64  # dnnl_forward_training
+_FORWARD_INFERENCE = 96  # dnnl_forward_inference
+_ELTWISE_RELU = 0x20  # dnnl_eltwise_relu
 _CONVOLUTION_DIRECT = 1  # dnnl_convolution_direct
 _QUERY_IMPLEMENTATION = 8  # dnnl_query_impl_info_str
 _QUERY_WEIGHTS = 131  # dnnl_query_weights_md
 _QUERY_DIFF_WEIGHTS = 132  # dnnl_query_diff_weights_md
-_ARG_SRC, _ARG_DST, _ARG_WEIGHTS = 1, 17, 33
+_ARG_SRC, _ARG_DST, _ARG_WEIGHTS, _ARG_BIAS = 1, 17, 33, 41
 _ARG_DIFF_SRC, _ARG_DIFF_DST, _ARG_DIFF_WEIGHTS = 129, 145, 161
 
 
@@ -295,11 +297,12 @@ class Convolution(_Pieces):
     self._output = _memory_descriptor((s.batch, s.out_channels, s.output_height, s.output_width), "acdb")
     kernel_dims = (s.out_channels, s.in_channels, s.kernel_height, s.kernel_width)
     self._user_kernel = _memory_descriptor(kernel_dims, "cdba")  # HWIO
-    any_kernel = _memory_descriptor(kernel_dims, "any")
+    self._bias = _memory_descriptor((s.out_channels,), "a")
+    self._any_kernel = any_kernel = _memory_descriptor(kernel_dims, "any")
     strides, dilations = _Dims(1, 1), _Dims(0, 0)
     padding_low = _Dims(s.padding[0][0], s.padding[1][0])
     padding_high = _Dims(s.padding[0][1], s.padding[1][1])
-    geometry = (strides, dilations, padding_low, padding_high)
+    self._geometry = geometry = (strides, dilations, padding_low, padding_high)
 
     forward = _Handle()
     _check(
@@ -376,6 +379,52 @@ class Convolution(_Pieces):
       arrays = {_ARG_SRC: (self._input, first), _ARG_DIFF_DST: (self._output, second)}
     else:
       raise ValueError(f"unknown convolution piece {piece!r}")
+    self._execute(step, kernel, kernel_argument, arrays)
+
+  def run_with_bias_and_relu(self, inputs: int, kernel: int, bias: int, result: int) -> None:
+    """relu(forward(inputs, kernel) + bias) as one inference primitive, which adds the float32[out_channels]
+    bias and applies the ReLU as it writes the output: for evaluation and prediction, one pass over each
+    activation less than a convolution followed by XLA's bias and ReLU."""
+    arrays = {_ARG_SRC: (self._input, inputs), _ARG_BIAS: (self._bias, bias), _ARG_DST: (self._output, result)}
+    self._execute(self._forward_with_bias_and_relu, kernel, _ARG_WEIGHTS, arrays)
+
+  @functools.cached_property
+  def _forward_with_bias_and_relu(self) -> _Step:
+    library = _library()
+    engine, _ = _engine_and_stream()
+    post_ops, attributes, descriptor = _Handle(), _Handle(), _Handle()
+    _check(library.dnnl_post_ops_create(ctypes.byref(post_ops)), "dnnl_post_ops_create")
+    try:
+      _check(
+        library.dnnl_post_ops_append_eltwise(post_ops, _ELTWISE_RELU, ctypes.c_float(0.0), ctypes.c_float(0.0)),
+        "dnnl_post_ops_append_eltwise",
+      )
+      _check(library.dnnl_primitive_attr_create(ctypes.byref(attributes)), "dnnl_primitive_attr_create")
+      _check(library.dnnl_primitive_attr_set_post_ops(attributes, post_ops), "dnnl_primitive_attr_set_post_ops")
+      _check(
+        library.dnnl_convolution_forward_primitive_desc_create(
+          ctypes.byref(descriptor),
+          engine,
+          _FORWARD_INFERENCE,
+          _CONVOLUTION_DIRECT,
+          self._input,
+          self._any_kernel,
+          self._bias,
+          self._output,
+          *self._geometry,
+          attributes,
+        ),
+        "dnnl_convolution_forward_primitive_desc_create",
+      )
+    finally:
+      library.dnnl_post_ops_destroy(post_ops)
+      if attributes:
+        library.dnnl_primitive_attr_destroy(attributes)
+    return _Step(descriptor, _QUERY_WEIGHTS, self._user_kernel, kernel_is_output=False)
+
+  def _execute(self, step: _Step, kernel: int, kernel_argument: int, arrays: dict[int, tuple[_Handle, int]]) -> None:
+    """Runs `step` on the arrays (argument: (descriptor, address)) with the HWIO kernel at `kernel`, reordered
+    into the primitive's layout before it or, for a kernel gradient, out of it after."""
     staged_kernel = _aligned_bytes(step.kernel_bytes)
     with _Memories() as memories:
       user = memories.wrap(self._user_kernel, kernel)

@@ -149,7 +149,11 @@ def test_vgg16_with_onednn_matches_xla_and_repeats_bitwise(onednn_allowed, batch
       return jnp.sum(jax.nn.log_softmax(logits)[:, 0])
 
     gradients = jax.jit(jax.grad(loss))(variables["params"])
-    evaluation = jax.jit(lambda variables, model=model: model.apply(variables, images, train=False))(variables)
+    evaluate = jax.jit(lambda variables, model=model: model.apply(variables, images, train=False))
+    evaluation = evaluate(variables)
+    # Evaluation runs each convolution, its bias and its ReLU as one oneDNN primitive.
+    fused = "flax_detector_onednn_convolution_bias_relu" in str(evaluate.trace(variables).jaxpr)
+    assert fused == (choice == "onednn")
     results[choice] = (gradients, evaluation)
     again = jax.jit(jax.grad(loss))(variables["params"])  # a second run: the same bits
     assert all(a.tobytes() == b.tobytes() for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(gradients)))
@@ -175,3 +179,27 @@ def test_a_missing_library_names_what_was_tried_and_how_to_install_it():
   done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
   assert "/nonexistent/libdnnl.so.3" in done.stdout
   assert "pip install onednn-cpu-gomp==2023.2.0" in done.stdout
+
+
+def test_fused_bias_relu_matches_xla_with_its_gradients_and_declines_what_it_cannot_take(onednn_allowed):
+  keys = jax.random.split(jax.random.key(5), 3)
+  x, kernel = jax.random.normal(keys[0], (3, 9, 7, 5)), jax.random.normal(keys[1], (3, 3, 5, 6))
+  bias = jax.random.normal(keys[2], (6,))
+  padding = ((1, 1), (1, 1))
+
+  def reference(x, kernel, bias):
+    return jax.nn.relu(jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=_NHWC) + bias)
+
+  def fused(x, kernel, bias):
+    return convolution.conv_bias_relu("onednn", x, kernel, bias, padding)
+
+  np.testing.assert_allclose(jax.jit(fused)(x, kernel, bias), reference(x, kernel, bias), rtol=1e-5, atol=1e-5)
+  assert float(jnp.mean(jax.jit(fused)(x, kernel, bias) == 0)) > 0.2  # the ReLU did cut
+  # Differentiable (Grad-CAM differentiates the evaluation model), through the training convolution.
+  gradients = jax.grad(lambda *a: jnp.sum(jnp.sin(fused(*a))), argnums=(0, 1, 2))(x, kernel, bias)
+  expected = jax.grad(lambda *a: jnp.sum(jnp.sin(reference(*a))), argnums=(0, 1, 2))(x, kernel, bias)
+  for actual, wanted in zip(gradients, expected, strict=True):
+    np.testing.assert_allclose(actual, wanted, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(wanted))))
+  assert convolution.conv_bias_relu("xla", x, kernel, bias, padding) is None
+  assert convolution.conv_bias_relu("onednn", x.astype(jnp.bfloat16), kernel, bias, padding) is None
+  assert convolution.conv_bias_relu("onednn", x, kernel, bias[:3], padding) is None
