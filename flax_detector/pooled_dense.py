@@ -8,7 +8,7 @@ kernel is read once (a matmul of 4x49 by 49x(C*N), memory-bound) instead of mult
 mostly repeated rows, and its gradient is that contraction's transpose. Full-width VGG16 at 64 px: the
 first Dense layer's forward and both gradients take about 60 ms instead of 150-190 on a 2-core CPU
 (benchmarks/RESULTS.md). The parameters are nn.Dense's (same names, shapes and initialisation), so
-checkpoints and torchvision weights load either way; results agree to float rounding (tests/test_models.py).
+checkpoints and torchvision weights load either way; results agree to float rounding (tests/test_pooled_dense.py).
 """
 
 from collections.abc import Callable
