@@ -21,6 +21,7 @@ _NHWC_HWIO = ("NHWC", "HWIO", "NHWC")
 # forward (inputs, kernel), input gradient, kernel gradient: custom calls, differentiable as one function
 _onednn_convolution = onednn_calls.operation("convolution", onednn.ConvolutionShape.from_geometry, onednn.convolution)
 _BIAS_RELU_TARGET = "flax_detector_onednn_convolution_bias_relu"
+onednn_calls.count_flops(_BIAS_RELU_TARGET, onednn.ConvolutionShape.from_geometry)
 
 
 def conv_general_dilated_for(choice: str) -> Callable[..., jax.Array] | None:

@@ -40,6 +40,11 @@ class Primitives(Protocol):
   def run(self, piece: str, first: int, second: int, result: int) -> None: ...
 
 
+def count_flops(target: str, from_geometry: Callable[[np.ndarray], Shape]) -> None:
+  """Makes `host_flops` count a call of `target` as the FLOPs of the shape its `geometry` attribute holds."""
+  _FLOPS_BY_TARGET[target] = lambda geometry: from_geometry(geometry).flops
+
+
 def operation(
   name: str, from_geometry: Callable[[np.ndarray], Any], primitives: Callable[[Any], Primitives]
 ) -> Callable[[jax.Array, jax.Array, Any], jax.Array]:
@@ -50,7 +55,7 @@ def operation(
   """
   targets = {piece: f"flax_detector_onednn_{name}_{piece}" for piece in PIECES}
   for target in targets.values():
-    _FLOPS_BY_TARGET[target] = lambda geometry: from_geometry(geometry).flops
+    count_flops(target, from_geometry)
 
   def handler(piece: str) -> xla_ffi.HandlerFunction:
     def run(operands: Sequence[int], results: Sequence[int], attributes: dict[str, np.ndarray]) -> None:

@@ -200,6 +200,9 @@ def test_fused_bias_relu_matches_xla_with_its_gradients_and_declines_what_it_can
   expected = jax.grad(lambda *a: jnp.sum(jnp.sin(reference(*a))), argnums=(0, 1, 2))(x, kernel, bias)
   for actual, wanted in zip(gradients, expected, strict=True):
     np.testing.assert_allclose(actual, wanted, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(wanted))))
+  # MFU's count sees the fused call's convolution.
+  shape = onednn.ConvolutionShape(3, 9, 7, 5, 6, 3, 3, padding)
+  assert onednn_calls.host_flops(jax.jit(fused).trace(x, kernel, bias).jaxpr.jaxpr) == shape.flops
   assert convolution.conv_bias_relu("xla", x, kernel, bias, padding) is None
   assert convolution.conv_bias_relu("onednn", x.astype(jnp.bfloat16), kernel, bias, padding) is None
   assert convolution.conv_bias_relu("onednn", x, kernel, bias[:3], padding) is None
