@@ -45,6 +45,9 @@ flags.DEFINE_bool(
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
+# Config fields that were renamed: an override that names the old field is told the new one.
+RENAMED_FIELDS = {"model.convolutions": "model.library"}
+
 
 def _dotted_fields(config: dict[str, Any], prefix: str = "") -> list[str]:
   fields = []
@@ -75,7 +78,12 @@ def _unknown_override_message(argv: list[str], error: Exception) -> str:
   if unknown is None:
     return f"a --config.* override does not name a config field ({error})"
   close = difflib.get_close_matches(unknown, fields, n=1, cutoff=0.5)
-  hint = f"did you mean --config.{close[0]}?" if close else "see the config file for its fields."
+  if unknown in RENAMED_FIELDS:
+    hint = f"it was renamed --config.{RENAMED_FIELDS[unknown]}."
+  elif close:
+    hint = f"did you mean --config.{close[0]}?"
+  else:
+    hint = "see the config file for its fields."
   return f"--config.{unknown}: the config has no field {unknown!r}; {hint}"
 
 

@@ -39,15 +39,52 @@ def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
 
   XLA's CPU backend expands the gradient of a pooling window (select-and-scatter) into index iotas of the
   whole activation, a variadic reduce-window and a scatter: about a third of the cpu preset's train step.
-  The reshape's gradient is elementwise. The forward pass is the same; the gradient differs only where a
-  window holds several equal maxima (shared between them instead of given to one), which after a ReLU
-  are zeros whose gradient the ReLU drops anyway. Other backends keep nn.max_pool.
+  The reshape's max, with the gradient of `_window_max` below, is elementwise both ways. Forward and
+  gradient are nn.max_pool's, ties included (tests/test_models.py). Other backends keep nn.max_pool.
   """
   if jax.default_backend() != "cpu":
     return nn.max_pool(x, (2, 2), strides=(2, 2))
+  height, width = x.shape[1:3]
+  return _window_max(x[:, : height // 2 * 2, : width // 2 * 2])  # VALID pooling drops an odd last row or column
+
+
+def _windows(x: jnp.ndarray) -> jnp.ndarray:
+  """[b, h, w, c] as [b, h/2, 2, w/2, 2, c]: each 2x2 window on axes 2 and 4 (a bitcast, no copy)."""
   batch, height, width, channels = x.shape
-  x = x[:, : height // 2 * 2, : width // 2 * 2]  # VALID pooling drops an odd last row or column
-  return x.reshape(batch, height // 2, 2, width // 2, 2, channels).max(axis=(2, 4))
+  return x.reshape(batch, height // 2, 2, width // 2, 2, channels)
+
+
+@jax.custom_vjp
+def _window_max(x: jnp.ndarray) -> jnp.ndarray:
+  return _windows(x).max(axis=(2, 4))
+
+
+def _window_max_forward(x: jnp.ndarray) -> tuple[jnp.ndarray, tuple[jnp.ndarray, jnp.ndarray]]:
+  pooled = _window_max(x)
+  return pooled, (x, pooled)
+
+
+def _window_max_backward(residuals: tuple[jnp.ndarray, jnp.ndarray], cotangent: jnp.ndarray) -> tuple[jnp.ndarray]:
+  """Each window's gradient goes to its first maximum in row-major order, as nn.max_pool's does.
+
+  Autodiff of the reshape's max would share it among equal maxima instead: that needs a count of the
+  maxima per window, a reduction XLA runs as a pass of its own over every pooled activation. This is
+  one elementwise pass over x, the pooled maxima and the cotangent.
+  """
+  x, pooled = residuals
+  windows = _windows(x)
+  gradients, taken = [], jnp.zeros(pooled.shape, bool)
+  for row, column in ((0, 0), (0, 1), (1, 0), (1, 1)):
+    # The last position takes the gradient when no earlier one did (its own comparison would only differ
+    # for a NaN maximum, which nn.max_pool's gradient also gives to one position).
+    first = ~taken if (row, column) == (1, 1) else (windows[:, :, row, :, column] == pooled) & ~taken
+    gradients.append(jnp.where(first, cotangent, jnp.zeros_like(cotangent)))
+    taken = taken | first
+  rows = [jnp.stack(gradients[0:2], axis=3), jnp.stack(gradients[2:4], axis=3)]  # [b, h/2, w/2, 2, c] each
+  return (jnp.stack(rows, axis=2).reshape(x.shape),)
+
+
+_window_max.defvjp(_window_max_forward, _window_max_backward)
 
 
 def conv_relu_for_evaluation(conv: nn.Conv, norm: nn.BatchNorm | None, x: jnp.ndarray, library: str) -> jnp.ndarray:

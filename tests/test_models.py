@@ -89,22 +89,25 @@ def test_view_averaged_log_probs_average_each_images_views():
 
 
 @pytest.mark.parametrize("side", [8, 9])
-def test_cpu_max_pool_matches_flax_max_pool_and_its_gradient(side):
-  """models.max_pool_2x2 (a reshape's max on CPU) against nn.max_pool, after a ReLU as in the model."""
+@pytest.mark.parametrize("values", ["continuous", "with ties"])
+def test_cpu_max_pool_matches_flax_max_pool_and_its_gradient(side, values):
+  """models.max_pool_2x2 (a reshape's max on CPU, with its own gradient) equals nn.max_pool and its gradient
+  exactly: each window's gradient goes to its first maximum, also where a window holds several (after a
+  ReLU, zeros; below, values rounded to halves as well)."""
   x = jax.random.normal(jax.random.PRNGKey(0), (2, side, side, 3))
+  if values == "with ties":
+    x = jnp.round(x * 2) / 2
   cotangent = jax.random.normal(jax.random.PRNGKey(1), (2, side // 2, side // 2, 3))
-
-  def pooled_dot(pool, x):
-    return jnp.sum(pool(jax.nn.relu(x)) * cotangent)
-
   flax_pool = functools.partial(nn.max_pool, window_shape=(2, 2), strides=(2, 2))
-  np.testing.assert_array_equal(max_pool_2x2(jax.nn.relu(x)), flax_pool(jax.nn.relu(x)))
-  np.testing.assert_allclose(
-    jax.grad(functools.partial(pooled_dot, max_pool_2x2))(x),
-    jax.grad(functools.partial(pooled_dot, flax_pool))(x),
-    rtol=1e-6,
-    atol=1e-7,
+  for inputs in (x, jax.nn.relu(x)):
+    pooled, pool_gradient = jax.vjp(max_pool_2x2, inputs)
+    flax_pooled, flax_gradient = jax.vjp(flax_pool, inputs)
+    np.testing.assert_array_equal(pooled, flax_pooled)
+    np.testing.assert_array_equal(pool_gradient(cotangent)[0], flax_gradient(cotangent)[0])
+  ties = (jax.nn.relu(x)[:, : side // 2 * 2, : side // 2 * 2].reshape(2, side // 2, 2, side // 2, 2, 3) == 0).sum(
+    axis=(2, 4)
   )
+  assert (ties > 1).any()  # the case where sharing the gradient among maxima would differ
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 5e-2)])

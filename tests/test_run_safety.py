@@ -182,6 +182,11 @@ def test_a_second_run_on_a_busy_workdir_exits_at_once_naming_the_first(tmp_path)
       "--config.data.wrker_count=1",
       "--config.data.wrker_count: the config has no field 'data.wrker_count'; did you mean --config.data.worker_count?",
     ),
+    (
+      "--config.model.convolutions=xla",
+      "--config.model.convolutions: the config has no field 'model.convolutions'; "
+      "it was renamed --config.model.library.",
+    ),
     ("--config.image_size=8", "image_size=8: VGG16 needs at least 32"),
   ],
 )

@@ -33,7 +33,10 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
   Transparent pixels are composited on white (a transparent PNG drawing is shown on a white page),
   and 16/32-bit grayscale is rescaled instead of clipped, which a plain `convert("RGB")` gets wrong.
+  An RGB image comes back as it is: `convert` would copy it.
   """
+  if image.mode == "RGB" and "transparency" not in image.info:
+    return image
   if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
     values = np.asarray(image, dtype=np.float64)
     if image.mode.startswith("I;16"):
@@ -72,7 +75,8 @@ def decode_image(data: bytes, name: str, shorter_side: int | None = None) -> np.
         height, width = preprocess.resized_shape(image.height, image.width, shorter_side)  # as stored
         image.draft(image.mode, (width, height))  # a no-op for formats other than JPEG
         target = (height, width) if transposes(image) else (width, height)
-      rgb = _to_rgb(ImageOps.exif_transpose(image))
+      ImageOps.exif_transpose(image, in_place=True)  # in place: a copy even where nothing turns otherwise
+      rgb = _to_rgb(image)
       if target is not None:
         rgb = rgb.resize(target, Image.Resampling.BICUBIC)
       return np.asarray(rgb, dtype=np.uint8)
