@@ -17,6 +17,12 @@ It applies only where it helps: glibc on Linux (mallopt does not exist on macOS 
 JAX will compute on the CPU (no accelerator plugin installed, or JAX_PLATFORMS=cpu), because one arena
 for every thread could slow the many host threads of an accelerator job. Call it before JAX starts its
 CPU backend: threads that already have an arena keep it.
+
+Grain's worker processes (spawned, so they start with glibc's defaults) take the same settings whatever
+computes the model: a worker only decodes and augments, on one thread, and each decoded image and its
+copies (768 KiB for a 512-px RGB image) would otherwise come from fresh pages. A 512-px JPEG to a 224-px
+training crop faulted in 75 pages (0.15-0.22 ms of kernel time) per image; with the settings, none
+(benchmarks/RESULTS.md).
 """
 
 import ctypes
@@ -44,9 +50,14 @@ def jax_computes_on_cpu() -> bool:
 
 def keep_freed_memory_mapped() -> bool:
   """Sets glibc's allocator as the module docstring explains, when JAX computes on the CPU; whether it did."""
+  return jax_computes_on_cpu() and keep_freed_memory_mapped_while_decoding()
+
+
+def keep_freed_memory_mapped_while_decoding() -> bool:
+  """The same settings for a process that decodes images and runs no JAX (a Grain worker); whether it did."""
   if os.environ.get(OPT_OUT_VARIABLE) == "0":
     return False
-  if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or not jax_computes_on_cpu():
+  if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
     return False
   libc = ctypes.CDLL(None)
   settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER_TRIM))

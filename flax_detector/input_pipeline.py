@@ -15,8 +15,10 @@ a file that becomes unreadable later is masked out of its batch with a warning n
 """
 
 import dataclasses
+import functools
 import math
 import os
+from collections.abc import Callable
 
 import grain
 import ml_collections
@@ -24,7 +26,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from flax_detector import preprocess, shared_memory_release, worker_lifetime
+from flax_detector import host_allocator, preprocess, shared_memory_release, worker_lifetime
 from flax_detector import workdir as workdir_layout
 from flax_detector.config_validation import MIN_IMAGE_SIZE
 from flax_detector.data import array_record, decoded_cache
@@ -314,6 +316,13 @@ def eval_dataset(
   )
 
 
+def _start_worker(tie_lifetime: Callable[[int, int], None], worker_index: int, worker_count: int) -> None:
+  """Grain's worker_init_fn: the allocator settings for decoding (see host_allocator), then the watchdog that
+  ends the worker with this process."""
+  host_allocator.keep_freed_memory_mapped_while_decoding()
+  tie_lifetime(worker_index, worker_count)
+
+
 def make_iterator(
   dataset: grain.MapDataset, worker_count: int, worker_buffer_size: int, start: int = 0
 ) -> grain.DatasetIterator:
@@ -323,8 +332,8 @@ def make_iterator(
   at most `worker_buffer_size` ready. Grain's default ReadOptions would run 16 threads per process
   that read up to 500 batches ahead: on a small CPU they take the cores the step needs, and over an
   endlessly repeated eval split they would decode it again and again, unasked. The workers exit
-  when this process dies, even by SIGKILL (see worker_lifetime), and the batches they send are
-  closed exactly once (see shared_memory_release).
+  when this process dies, even by SIGKILL (see worker_lifetime), keep the memory they free for their next
+  image (see host_allocator), and the batches they send are closed exactly once (see shared_memory_release).
   """
   read_options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=worker_buffer_size)
   iter_dataset = dataset[start:].to_iter_dataset(read_options)
@@ -332,6 +341,6 @@ def make_iterator(
     shared_memory_release.close_each_batch_once()
     iter_dataset = iter_dataset.mp_prefetch(
       grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=worker_buffer_size),
-      worker_init_fn=worker_lifetime.worker_init_fn(),
+      worker_init_fn=functools.partial(_start_worker, worker_lifetime.worker_init_fn()),
     )
   return iter(iter_dataset)

@@ -1,14 +1,20 @@
-"""host_allocator: a freed XLA:CPU buffer is reused by the next execution instead of being faulted in again."""
+"""host_allocator: freed memory is reused instead of being faulted in again, by XLA:CPU and by Grain's workers."""
 
+import io
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 
+import grain
+import numpy as np
 import pytest
+from PIL import Image
 
-from flax_detector import host_allocator
+from flax_detector import host_allocator, input_pipeline
+from flax_detector.data.decode import decode_image
 
 # Runs in a fresh process (the allocator settings are process-wide and must precede JAX's CPU backend): a
 # jitted program whose 80 MB output is freed after each call, and the fewest page faults of one call once
@@ -57,3 +63,40 @@ def test_it_applies_only_when_jax_computes_on_the_cpu_and_can_be_turned_off(monk
   assert host_allocator.jax_computes_on_cpu()
   monkeypatch.setenv(host_allocator.OPT_OUT_VARIABLE, "0")
   assert not host_allocator.keep_freed_memory_mapped()
+
+
+def _page_faults_of_decoding(_: int) -> int:
+  """Runs in a Grain worker: page faults of decoding batches of 32 512-px JPEGs, as a training batch holds them
+  (every image alive until the batch is stacked, then all freed at once), once warm."""
+  encoded = io.BytesIO()
+  Image.fromarray(np.random.default_rng(0).integers(0, 256, (512, 512, 3), np.uint8)).save(encoded, format="JPEG")
+
+  def batch() -> None:
+    np.stack([decode_image(encoded.getvalue(), "image.jpg") for _ in range(32)])
+
+  batch()
+  start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  for _ in range(3):
+    batch()
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start
+
+
+def _faults_in_a_worker() -> int:
+  dataset = grain.MapDataset.range(1).map(_page_faults_of_decoding)
+  iterator = input_pipeline.make_iterator(dataset, worker_count=1, worker_buffer_size=1)
+  try:
+    return int(next(iterator))
+  finally:
+    iterator.close()
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_grain_workers_decode_without_faulting_in_fresh_pages(monkeypatch):
+  """Workers are spawned with glibc's defaults; input_pipeline's worker_init_fn applies the settings there,
+  whatever computes the model (the opt-out variable, which workers inherit, shows the default)."""
+  monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")  # an accelerator job's workers too
+  tuned = _faults_in_a_worker()
+  monkeypatch.setenv(host_allocator.OPT_OUT_VARIABLE, "0")
+  default = _faults_in_a_worker()
+  assert default > 5_000, default  # each batch maps and faults in fresh pages (about 20,000 here)
+  assert tuned < 20, tuned
