@@ -23,7 +23,15 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flax_detector import compilation, config_validation, distributed, host_allocator, step_profile, throughput
+from flax_detector import (
+  compilation,
+  config_overrides,
+  config_validation,
+  distributed,
+  host_allocator,
+  step_profile,
+  throughput,
+)
 
 PARTS = ("step", "e2e", "eval", "input", "profile")
 
@@ -174,4 +182,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=config_overrides.parse_flags)

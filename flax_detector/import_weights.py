@@ -25,6 +25,7 @@ from ml_collections import config_flags
 
 from flax_detector import (
   checkpoint,
+  config_overrides,
   config_validation,
   errors,
   finetune,
@@ -106,4 +107,4 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=config_overrides.parse_flags)

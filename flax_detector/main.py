@@ -9,19 +9,17 @@ a path, a workdir in use: one message naming it and the fix), 1 a run stopped by
 `--verbose` adds tracebacks to those messages and keeps the INFO lines of JAX, Orbax and Grain.
 """
 
-import difflib
 import gc
-import importlib.util
 import sys
 import traceback
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import jax
 import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flax_detector import compilation, distributed, errors, host_allocator, library_logs, run_lock
+from flax_detector import compilation, config_overrides, distributed, errors, host_allocator, library_logs, run_lock
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events and final_metrics.json.")
@@ -44,56 +42,6 @@ flags.DEFINE_bool(
   allow_override=True,
 )
 flags.mark_flags_as_required(["config", "workdir"])
-
-# Config fields that were renamed: an override that names the old field is told the new one.
-RENAMED_FIELDS = {"model.convolutions": "model.library"}
-
-
-def _dotted_fields(config: dict[str, Any], prefix: str = "") -> list[str]:
-  fields = []
-  for key, value in config.items():
-    fields.extend(_dotted_fields(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"])
-  return fields
-
-
-def _config_fields(argv: list[str]) -> list[str]:
-  """Every dotted field of the --config file given in argv (loaded again: the flag failed to parse)."""
-  spec = next(arg.split("=", 1)[1] for arg in argv if arg.startswith("--config="))
-  path, _, preset = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("_config_for_hint", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  config = module.get_config(preset) if preset else module.get_config()
-  return _dotted_fields(config.to_dict())
-
-
-def _unknown_override_message(argv: list[str], error: Exception) -> str:
-  """Names the --config.x override that is not a field, and the closest field."""
-  try:
-    fields = _config_fields(argv)
-  except Exception:  # pylint: disable=broad-except -- the hint is best effort; the error below still says what
-    return f"a --config.* override does not name a config field ({error})"
-  overrides = [arg[len("--config.") :].split("=", 1)[0] for arg in argv if arg.startswith("--config.")]
-  unknown = next((name for name in overrides if name not in fields), None)
-  if unknown is None:
-    return f"a --config.* override does not name a config field ({error})"
-  close = difflib.get_close_matches(unknown, fields, n=1, cutoff=0.5)
-  if unknown in RENAMED_FIELDS:
-    hint = f"it was renamed --config.{RENAMED_FIELDS[unknown]}."
-  elif close:
-    hint = f"did you mean --config.{close[0]}?"
-  else:
-    hint = "see the config file for its fields."
-  return f"--config.{unknown}: the config has no field {unknown!r}; {hint}"
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing; an unknown --config.x override (ml_collections raises) is a user error."""
-  try:
-    return app.parse_flags_with_usage(argv)
-  except (AttributeError, KeyError) as error:
-    print(f"error: {_unknown_override_message(argv, error)}", file=sys.stderr)
-    sys.exit(2)
 
 
 def _fail(error: Exception, exit_code: int) -> NoReturn:
@@ -154,4 +102,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=config_overrides.parse_flags)

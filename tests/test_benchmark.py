@@ -84,6 +84,25 @@ def test_cli_prints_each_part_and_the_torch_ratio():
     )
 
 
+@pytest.mark.parametrize("command", ["flax_detector.benchmark", "flax_detector.import_weights"])
+def test_an_override_of_no_config_field_is_one_line_naming_the_field_meant(command):
+  """Every command with a --config flag parses it as the trainer does (flax_detector.config_overrides)."""
+  done = subprocess.run(
+    [sys.executable, "-m", command, "--config=configs/vgg16.py:cpu", "--config.model.convolutions=xla"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env={**os.environ, "PYTHONPATH": str(REPO)},
+    check=False,
+  )
+  assert done.returncode == 2, done.stderr[-3000:]
+  assert done.stderr.strip().splitlines()[-1] == (
+    "error: --config.model.convolutions: the config has no field 'model.convolutions'; "
+    "it was renamed --config.model.library."
+  )
+
+
 def test_end_to_end_rate_comes_from_the_real_loop(make_config, monkeypatch):
   # A writer that writes nothing, as on the GPU image without TensorFlow: the rate must not come from files.
   monkeypatch.setattr(train, "_create_writer", lambda workdir, is_chief: metric_writers.MultiWriter([]))
