@@ -28,6 +28,19 @@ TINY_FLAGS = [
 ]
 
 
+def _run_module(module: str, *args: str) -> subprocess.CompletedProcess:
+  """`python -m module args...` from the repository root, its output captured."""
+  return subprocess.run(
+    [sys.executable, "-m", module, *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env={**os.environ, "PYTHONPATH": str(REPO)},
+    check=False,
+  )
+
+
 def _torch_reference():
   torch = pytest.importorskip("torch")
   spec = importlib.util.spec_from_file_location("torch_reference", throughput.TORCH_REFERENCE)
@@ -49,24 +62,8 @@ def test_torch_reference_has_the_flax_models_parameter_count(batch_norm):
 
 def test_cli_prints_each_part_and_the_torch_ratio():
   compare = ["--compare_torch", "--notorch_compile"] if importlib.util.find_spec("torch") else []
-  done = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "flax_detector.benchmark",
-      *TINY_FLAGS,
-      "--parts=step,eval,input",
-      "--steps=2",
-      "--warmup=1",
-      "--rounds=1",
-      *compare,
-    ],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=600,
-    env={**os.environ, "PYTHONPATH": str(REPO)},
-    check=False,
+  done = _run_module(
+    "flax_detector.benchmark", *TINY_FLAGS, "--parts=step,eval,input", "--steps=2", "--warmup=1", "--rounds=1", *compare
   )
   assert done.returncode == 0, done.stderr[-3000:]
   results = json.loads(done.stdout.strip().splitlines()[-1])
@@ -87,15 +84,7 @@ def test_cli_prints_each_part_and_the_torch_ratio():
 @pytest.mark.parametrize("command", ["flax_detector.benchmark", "flax_detector.import_weights"])
 def test_an_override_of_no_config_field_is_one_line_naming_the_field_meant(command):
   """Every command with a --config flag parses it as the trainer does (flax_detector.config_overrides)."""
-  done = subprocess.run(
-    [sys.executable, "-m", command, "--config=configs/vgg16.py:cpu", "--config.model.convolutions=xla"],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=300,
-    env={**os.environ, "PYTHONPATH": str(REPO)},
-    check=False,
-  )
+  done = _run_module(command, "--config=configs/vgg16.py:cpu", "--config.model.convolutions=xla")
   assert done.returncode == 2, done.stderr[-3000:]
   assert done.stderr.strip().splitlines()[-1] == (
     "error: --config.model.convolutions: the config has no field 'model.convolutions'; "
