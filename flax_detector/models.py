@@ -40,7 +40,8 @@ def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
   XLA's CPU backend expands the gradient of a pooling window (select-and-scatter) into index iotas of the
   whole activation, a variadic reduce-window and a scatter: about a third of the cpu preset's train step.
   The reshape's max, with the gradient of `_window_max` below, is elementwise both ways. Forward and
-  gradient are nn.max_pool's, ties included (tests/test_models.py). Other backends keep nn.max_pool.
+  gradient are nn.max_pool's for finite inputs, ties included (tests/test_models.py). Other backends keep
+  nn.max_pool.
   """
   if jax.default_backend() != "cpu":
     return nn.max_pool(x, (2, 2), strides=(2, 2))
@@ -75,8 +76,9 @@ def _window_max_backward(residuals: tuple[jnp.ndarray, jnp.ndarray], cotangent: 
   windows = _windows(x)
   gradients, taken = [], jnp.zeros(pooled.shape, bool)
   for row, column in ((0, 0), (0, 1), (1, 0), (1, 1)):
-    # The last position takes the gradient when no earlier one did (its own comparison would only differ
-    # for a NaN maximum, which nn.max_pool's gradient also gives to one position).
+    # The last position takes the gradient when no earlier one did. Its own comparison would only differ for
+    # a window holding a NaN: the gradient then goes here, where nn.max_pool's goes to another single position
+    # (a non-finite loss stops training anyway).
     first = ~taken if (row, column) == (1, 1) else (windows[:, :, row, :, column] == pooled) & ~taken
     gradients.append(jnp.where(first, cotangent, jnp.zeros_like(cotangent)))
     taken = taken | first
