@@ -115,6 +115,26 @@ def conv_relu_for_evaluation(conv: nn.Conv, norm: nn.BatchNorm | None, x: jnp.nd
   return nn.relu(conv.clone(parent=None).apply({"params": {"kernel": kernel, "bias": bias}}, x))
 
 
+def batch_normalized_conv(conv: nn.Conv, norm: nn.BatchNorm, x: jnp.ndarray) -> jnp.ndarray:
+  """norm(conv(x)) where `norm` normalises with the batch's statistics, computed without the conv's bias add.
+
+  A per-channel bias before BatchNorm cancels against the batch mean: the normalised output does not depend on
+  it, and its gradient is exactly 0 in real arithmetic (in float, rounding noise). So the convolution runs
+  without it, which saves a pass over every activation forward and a reduction over every output gradient
+  backward, and the bias gets the exact gradient, 0. The only place the bias shows is the running mean, the
+  mean of conv(x) + bias: it is added to the batch mean's share of the update here, so the running
+  statistics, and evaluation's folded convolutions, are those of the model as written (tests/test_models.py).
+  `conv` keeps its parameters, so checkpoints and torchvision weights do not change.
+  """
+  kernel = conv.variables["params"]["kernel"]
+  unbiased = conv.clone(parent=None, use_bias=False).apply({"params": {"kernel": kernel}}, x)
+  normalized = norm(unbiased)
+  bias = conv.variables["params"]["bias"]
+  running_mean = norm.get_variable("batch_stats", "mean")
+  norm.put_variable("batch_stats", "mean", running_mean + (1.0 - norm.momentum) * bias)
+  return normalized
+
+
 class VGG16(nn.Module):
   """VGG16 classifier over uint8 NHWC images; returns float32 logits.
 
@@ -160,8 +180,12 @@ class VGG16(nn.Module):
           )
         if not train and not self.is_initializing():
           x = conv_relu_for_evaluation(conv, norm, x, self.library)
+        elif norm is None:
+          x = nn.relu(conv(x))
+        elif self.is_initializing() or norm.use_running_average:
+          x = nn.relu(norm(conv(x)))
         else:
-          x = nn.relu(conv(x) if norm is None else norm(conv(x)))
+          x = nn.relu(batch_normalized_conv(conv, norm, x))
       if index == len(self.stages) - 1:
         self.sow("intermediates", LAST_CONV_FEATURES, x)
         x = self.perturb(LAST_CONV_FEATURES, x)

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flax_detector import models
 from flax_detector.models import (
   LAST_CONV_FEATURES,
   VGG16,
@@ -139,3 +140,39 @@ def test_evaluation_folds_batch_norm_into_the_convolutions_within_float_rounding
   assert scale > 0.1  # the features are not all zero: the comparison means something
   np.testing.assert_allclose(folded[0], two_step[0], rtol=tolerance, atol=tolerance * scale)
   np.testing.assert_allclose(folded[1], two_step[1], rtol=tolerance, atol=tolerance * 1e-2)
+
+
+def test_training_convolutions_leave_out_the_bias_that_batch_norm_cancels(monkeypatch):
+  """A training pass runs each BatchNorm'd conv without its bias add: logits, running statistics and every
+  other gradient agree with norm(conv(x)) to float rounding, and the bias gets its exact gradient, 0."""
+  model = VGG16(batch_norm=True, width_multiplier=1 / 16, dropout_rate=0.0)
+  variables = init_variables(model, 32, jax.random.PRNGKey(0))
+  keys = iter(jax.random.split(jax.random.PRNGKey(1), len(jax.tree.leaves(variables))))
+  # Biases and running statistics far from their zero initialisation, so that both paths depend on them.
+  variables = jax.tree.map(lambda a: a + 0.5 * jax.random.normal(next(keys), a.shape), variables)
+  images = jax.random.randint(jax.random.PRNGKey(2), (8, 32, 32, 3), 0, 256).astype(jnp.uint8)
+
+  def loss_and_state(params):
+    logits, state = model.apply(
+      {"params": params, "batch_stats": variables["batch_stats"]}, images, train=True, mutable=["batch_stats"]
+    )
+    return jnp.sum(logits**2), (logits, state["batch_stats"])
+
+  gradient_of_loss = jax.value_and_grad(loss_and_state, has_aux=True)
+  (_, (logits, statistics)), gradients = gradient_of_loss(variables["params"])
+  monkeypatch.setattr(models, "batch_normalized_conv", lambda conv, norm, x: norm(conv(x)))
+  (_, (plain_logits, plain_statistics)), plain_gradients = gradient_of_loss(variables["params"])
+
+  np.testing.assert_allclose(logits, plain_logits, rtol=1e-4, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), statistics, plain_statistics)
+  for name, layer in gradients.items():
+    for leaf, gradient in layer.items():
+      plain = plain_gradients[name][leaf]
+      if name.startswith("Conv") and leaf == "bias":
+        np.testing.assert_array_equal(gradient, 0.0)
+        # Autodiff of norm(conv(x) + bias) gives rounding noise, orders of magnitude below the kernel's.
+        assert np.abs(plain).max() < 1e-4 * np.abs(plain_gradients[name]["kernel"]).max()
+      else:
+        np.testing.assert_allclose(gradient, plain, rtol=1e-4, atol=1e-5 * np.abs(plain).max())
+  moved = jax.tree.map(lambda new, old: np.abs(new - old).max(), statistics, variables["batch_stats"])
+  assert min(jax.tree.leaves(moved)) > 1e-3  # the update itself is compared, not two copies of the input
