@@ -121,10 +121,14 @@ def conv_bias_relu(
 
 
 @functools.cache
+def _convolution_of(geometry: tuple[int, ...]) -> onednn.Convolution:
+  return onednn.convolution(onednn.ConvolutionShape.from_geometry(geometry))
+
+
+@functools.cache
 def _register_bias_relu_target() -> None:
-  def run(operands: Sequence[int], results: Sequence[int], attributes: dict[str, Any]) -> None:
-    shape = onednn.ConvolutionShape.from_geometry(attributes["geometry"])
-    onednn.convolution(shape).run_with_bias_and_relu(*operands, results[0])
+  def run(operands: Sequence[int], results: Sequence[int], attributes: dict[str, tuple[int, ...]]) -> None:
+    _convolution_of(attributes["geometry"]).run_with_bias_and_relu(*operands, results[0])
 
   xla_ffi.register_cpu_target(_BIAS_RELU_TARGET, run)
 

@@ -22,6 +22,7 @@ import functools
 import os
 import sys
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -179,7 +180,7 @@ class ConvolutionShape:
     return np.array([*sizes, self.kernel_height, self.kernel_width, top, bottom, left, right], np.int64)
 
   @classmethod
-  def from_geometry(cls, geometry: np.ndarray) -> "ConvolutionShape":
+  def from_geometry(cls, geometry: Sequence[int]) -> "ConvolutionShape":
     values = [int(value) for value in geometry]
     return cls(*values[:7], ((values[7], values[8]), (values[9], values[10])))
 
@@ -198,66 +199,69 @@ class ConvolutionShape:
     return 2 * self.batch * self.output_height * self.output_width * self.out_channels * taps
 
 
-# oneDNN runs each primitive on all cores (OpenMP); two at once from XLA's threads would only contend, and a
-# lock keeps the calls free of any question about concurrent execution of one primitive.
+# oneDNN runs each primitive on all cores (OpenMP); two at once from XLA's threads would only contend. The lock
+# also makes each call's memory objects its own from re-pointing them until the primitive has finished.
 _EXECUTION_LOCK = threading.Lock()
+_ALLOCATE = _Handle(ctypes.c_size_t(-1).value)  # DNNL_MEMORY_ALLOCATE: oneDNN allocates the buffer itself
 
 
-class _Step:
-  """One primitive (forward, input gradient or kernel gradient) with the kernel reorder it needs."""
+def _memory(descriptor: _Handle, address: _Handle | None = None) -> _Handle:
+  """A oneDNN memory object over `address` (None: no buffer yet; _ALLOCATE: one of its own), kept for the process."""
+  memory = _Handle()
+  engine, _ = _engine_and_stream()
+  _check(_library().dnnl_memory_create(ctypes.byref(memory), descriptor, engine, address), "dnnl_memory_create")
+  return memory
 
-  def __init__(self, descriptor: _Handle, kernel_query: int, user_kernel: _Handle, kernel_is_output: bool):
-    self.primitive = _primitive(descriptor)
+
+def _packed(arguments: dict[int, _Handle]) -> ctypes.Array:
+  return (_ExecArgument * len(arguments))(*(_ExecArgument(key, memory) for key, memory in arguments.items()))
+
+
+class _Call:
+  """One primitive, ready to run on the buffers of each call: its memory objects are made once and pointed at
+  the call's addresses, so a call costs a few pointer updates rather than four objects made and destroyed.
+
+  `arguments` are the (argument, descriptor) pairs whose buffers the caller passes, in the order `__call__`
+  takes their addresses. With `staged_kernel` = (argument, query, user descriptor) that argument lives in a
+  buffer of the layout the primitive chose (format "any"), allocated once; the caller's kernel in the user
+  layout (HWIO) comes last in the addresses and is reordered into that buffer before the primitive or, for
+  a kernel gradient (a diff argument), out of it after.
+  """
+
+  def __init__(
+    self,
+    descriptor: _Handle,
+    arguments: tuple[tuple[int, _Handle], ...],
+    staged_kernel: tuple[int, int, _Handle] | None = None,
+  ):
+    library = _library()
     self.implementation = _implementation(descriptor)
-    self.kernel_descriptor = _Handle(_library().dnnl_primitive_desc_query_md(descriptor, kernel_query, 0))
-    self.kernel_bytes = _library().dnnl_memory_desc_get_size(self.kernel_descriptor)
-    self.kernel_is_output = kernel_is_output
-    if kernel_is_output:
-      self.reorder = _reorder(self.kernel_descriptor, user_kernel)
-    else:
-      self.reorder = _reorder(user_kernel, self.kernel_descriptor)
+    self._primitive = _primitive(descriptor)
+    self._external = [_memory(argument_descriptor) for _, argument_descriptor in arguments]
+    primitive_arguments = {argument: memory for (argument, _), memory in zip(arguments, self._external, strict=True)}
+    self._before, self._after = [], []
+    if staged_kernel is not None:
+      kernel_argument, query, user_descriptor = staged_kernel
+      staged_descriptor = _Handle(library.dnnl_primitive_desc_query_md(descriptor, query, 0))
+      staged, user = _memory(staged_descriptor, _ALLOCATE), _memory(user_descriptor)
+      self._external.append(user)
+      primitive_arguments[kernel_argument] = staged
+      if kernel_argument == _ARG_DIFF_WEIGHTS:
+        self._after.append((_reorder(staged_descriptor, user_descriptor), _packed({_ARG_SRC: staged, _ARG_DST: user})))
+      else:
+        self._before.append((_reorder(user_descriptor, staged_descriptor), _packed({_ARG_SRC: user, _ARG_DST: staged})))
+    self._sequence = [*self._before, (self._primitive, _packed(primitive_arguments)), *self._after]
 
-
-def _aligned_bytes(size: int, alignment: int = 64) -> np.ndarray:
-  """An uninitialised byte buffer starting on a cache line, as oneDNN's vectorised kernels prefer."""
-  raw = np.empty(size + alignment, np.uint8)
-  offset = -raw.ctypes.data % alignment
-  return raw[offset : offset + size]
-
-
-class _Memories:
-  """oneDNN memory objects over existing buffers (no copy), destroyed on exit. oneDNN keeps only the
-  addresses: whoever owns the buffers keeps them alive until then."""
-
-  def __init__(self) -> None:
-    self._memories: list[_Handle] = []
-
-  def __enter__(self) -> "_Memories":
-    return self
-
-  def wrap(self, descriptor: _Handle, address: int) -> _Handle:
-    memory = _Handle()
-    engine, _ = _engine_and_stream()
-    _check(
-      _library().dnnl_memory_create(ctypes.byref(memory), descriptor, engine, _Handle(address)), "dnnl_memory_create"
-    )
-    self._memories.append(memory)
-    return memory
-
-  def __exit__(self, *_: object) -> None:
-    for memory in self._memories:
-      _library().dnnl_memory_destroy(memory)
-
-
-def _execute_in_order(*calls: tuple[_Handle, dict[int, _Handle]]) -> None:
-  """Runs primitives one after the other with their arguments, and waits until the last has finished."""
-  library = _library()
-  _, stream = _engine_and_stream()
-  with _EXECUTION_LOCK:
-    for primitive, arguments in calls:
-      packed = (_ExecArgument * len(arguments))(*(_ExecArgument(key, memory) for key, memory in arguments.items()))
-      _check(library.dnnl_primitive_execute(primitive, stream, len(arguments), packed), "dnnl_primitive_execute")
-    _check(library.dnnl_stream_wait(stream), "dnnl_stream_wait")
+  def __call__(self, *addresses: int) -> None:
+    """Runs the primitive (with its kernel reorder) on the buffers at `addresses` and waits until it has finished."""
+    library = _library()
+    _, stream = _engine_and_stream()
+    with _EXECUTION_LOCK:
+      for memory, address in zip(self._external, addresses, strict=True):
+        _check(library.dnnl_memory_set_data_handle(memory, _Handle(address)), "dnnl_memory_set_data_handle")
+      for primitive, packed in self._sequence:
+        _check(library.dnnl_primitive_execute(primitive, stream, len(packed), packed), "dnnl_primitive_execute")
+      _check(library.dnnl_stream_wait(stream), "dnnl_stream_wait")
 
 
 class _Pieces:
@@ -350,46 +354,47 @@ class Convolution(_Pieces):
       ),
       "dnnl_convolution_backward_weights_primitive_desc_create",
     )
-    self._forward = _Step(forward, _QUERY_WEIGHTS, self._user_kernel, kernel_is_output=False)
-    self._input_gradient = _Step(input_gradient, _QUERY_WEIGHTS, self._user_kernel, kernel_is_output=False)
-    self._kernel_gradient = _Step(kernel_gradient, _QUERY_DIFF_WEIGHTS, self._user_kernel, kernel_is_output=True)
+    inputs, outputs = self._input, self._output
+    self._calls = {
+      "forward": _Call(forward, ((_ARG_SRC, inputs), (_ARG_DST, outputs)), self._staged(_ARG_WEIGHTS)),
+      "input_gradient": _Call(
+        input_gradient, ((_ARG_DIFF_DST, outputs), (_ARG_DIFF_SRC, inputs)), self._staged(_ARG_WEIGHTS)
+      ),
+      "kernel_gradient": _Call(
+        kernel_gradient, ((_ARG_SRC, inputs), (_ARG_DIFF_DST, outputs)), self._staged(_ARG_DIFF_WEIGHTS)
+      ),
+    }
+
+  def _staged(self, argument: int) -> tuple[int, int, _Handle]:
+    """`_Call`'s staged kernel: the HWIO kernel (or its gradient) in the layout the primitive runs with."""
+    return argument, _QUERY_DIFF_WEIGHTS if argument == _ARG_DIFF_WEIGHTS else _QUERY_WEIGHTS, self._user_kernel
 
   @property
   def implementations(self) -> dict[str, str]:
     """oneDNN's name for the kernel each piece runs (e.g. brgconv:avx512_core), logged by `convolution`."""
-    return {
-      "forward": self._forward.implementation,
-      "input gradient": self._input_gradient.implementation,
-      "kernel gradient": self._kernel_gradient.implementation,
-    }
+    return {piece.replace("_", " "): call.implementation for piece, call in self._calls.items()}
 
   def run(self, piece: str, first: int, second: int, result: int) -> None:
     """Computes `piece` from the float32, C-order arrays at addresses `first` and `second` into `result`:
     forward (inputs, kernel) -> outputs; input_gradient (output gradient, kernel) -> input gradient;
     kernel_gradient (inputs, output gradient) -> kernel gradient. The kernel is reordered into the layout
     the primitive runs with before it (or, for its gradient, out of it after)."""
-    if piece == "forward":
-      step, kernel, kernel_argument = self._forward, second, _ARG_WEIGHTS
-      arrays = {_ARG_SRC: (self._input, first), _ARG_DST: (self._output, result)}
-    elif piece == "input_gradient":
-      step, kernel, kernel_argument = self._input_gradient, second, _ARG_WEIGHTS
-      arrays = {_ARG_DIFF_DST: (self._output, first), _ARG_DIFF_SRC: (self._input, result)}
-    elif piece == "kernel_gradient":
-      step, kernel, kernel_argument = self._kernel_gradient, result, _ARG_DIFF_WEIGHTS
-      arrays = {_ARG_SRC: (self._input, first), _ARG_DIFF_DST: (self._output, second)}
-    else:
+    if piece not in self._calls:
       raise ValueError(f"unknown convolution piece {piece!r}")
-    self._execute(step, kernel, kernel_argument, arrays)
+    # The kernel's address comes last: the second operand, or for the kernel gradient the result.
+    if piece == "kernel_gradient":
+      self._calls[piece](first, second, result)
+    else:
+      self._calls[piece](first, result, second)
 
   def run_with_bias_and_relu(self, inputs: int, kernel: int, bias: int, result: int) -> None:
     """relu(forward(inputs, kernel) + bias) as one inference primitive, which adds the float32[out_channels]
     bias and applies the ReLU as it writes the output: for evaluation and prediction, one pass over each
     activation less than a convolution followed by XLA's bias and ReLU."""
-    arrays = {_ARG_SRC: (self._input, inputs), _ARG_BIAS: (self._bias, bias), _ARG_DST: (self._output, result)}
-    self._execute(self._forward_with_bias_and_relu, kernel, _ARG_WEIGHTS, arrays)
+    self._forward_with_bias_and_relu(inputs, bias, result, kernel)
 
   @functools.cached_property
-  def _forward_with_bias_and_relu(self) -> _Step:
+  def _forward_with_bias_and_relu(self) -> _Call:
     library = _library()
     engine, _ = _engine_and_stream()
     post_ops, attributes, descriptor = _Handle(), _Handle(), _Handle()
@@ -420,22 +425,8 @@ class Convolution(_Pieces):
       library.dnnl_post_ops_destroy(post_ops)
       if attributes:
         library.dnnl_primitive_attr_destroy(attributes)
-    return _Step(descriptor, _QUERY_WEIGHTS, self._user_kernel, kernel_is_output=False)
-
-  def _execute(self, step: _Step, kernel: int, kernel_argument: int, arrays: dict[int, tuple[_Handle, int]]) -> None:
-    """Runs `step` on the arrays (argument: (descriptor, address)) with the HWIO kernel at `kernel`, reordered
-    into the primitive's layout before it or, for a kernel gradient, out of it after."""
-    staged_kernel = _aligned_bytes(step.kernel_bytes)
-    with _Memories() as memories:
-      user = memories.wrap(self._user_kernel, kernel)
-      staged = memories.wrap(step.kernel_descriptor, staged_kernel.ctypes.data)
-      arguments = {argument: memories.wrap(*pair) for argument, pair in arrays.items()}
-      arguments[kernel_argument] = staged
-      reorder = {_ARG_SRC: staged, _ARG_DST: user} if step.kernel_is_output else {_ARG_SRC: user, _ARG_DST: staged}
-      if step.kernel_is_output:
-        _execute_in_order((step.primitive, arguments), (step.reorder, reorder))
-      else:
-        _execute_in_order((step.reorder, reorder), (step.primitive, arguments))
+    arguments = ((_ARG_SRC, self._input), (_ARG_BIAS, self._bias), (_ARG_DST, self._output))
+    return _Call(descriptor, arguments, self._staged(_ARG_WEIGHTS))
 
 
 @dataclass(frozen=True)
@@ -452,7 +443,7 @@ class MatmulShape:
     return np.array([self.rows, self.depth, self.columns], np.int64)
 
   @classmethod
-  def from_geometry(cls, geometry: np.ndarray) -> "MatmulShape":
+  def from_geometry(cls, geometry: Sequence[int]) -> "MatmulShape":
     return cls(*(int(value) for value in geometry))
 
   def result_shape(self, piece: str) -> tuple[int, int]:
@@ -486,12 +477,10 @@ class Matmul(_Pieces):
       "input_gradient": (((rows, columns), "ab"), ((columns, depth), "ba"), ((rows, depth), "ab")),
       "kernel_gradient": (((depth, rows), "ba"), ((rows, columns), "ab"), ((depth, columns), "ab")),
     }
-    self._descriptors = {
-      piece: tuple(_memory_descriptor(dims, tag) for dims, tag in layout) for piece, layout in layouts.items()
-    }
-    self._primitives, self.implementations = {}, {}
+    self._calls = {}
     engine, _ = _engine_and_stream()
-    for piece, (source, weights, destination) in self._descriptors.items():
+    for piece, layout in layouts.items():
+      source, weights, destination = (_memory_descriptor(dims, tag) for dims, tag in layout)
       descriptor = _Handle()
       _check(
         _library().dnnl_matmul_primitive_desc_create(
@@ -499,23 +488,16 @@ class Matmul(_Pieces):
         ),
         "dnnl_matmul_primitive_desc_create",
       )
-      self._primitives[piece] = _primitive(descriptor)
-      self.implementations[piece] = _implementation(descriptor)
+      self._calls[piece] = _Call(descriptor, ((_ARG_SRC, source), (_ARG_WEIGHTS, weights), (_ARG_DST, destination)))
+    self.implementations = {piece: call.implementation for piece, call in self._calls.items()}
 
   def run(self, piece: str, first: int, second: int, result: int) -> None:
     """Computes `piece` from the float32, C-order arrays at addresses `first` and `second` into `result`:
     forward (inputs, kernel) -> outputs; input_gradient (output gradient, kernel) -> input gradient;
     kernel_gradient (inputs, output gradient) -> kernel gradient."""
-    if piece not in self._primitives:
+    if piece not in self._calls:
       raise ValueError(f"unknown matmul piece {piece!r}")
-    source, weights, destination = self._descriptors[piece]
-    with _Memories() as memories:
-      arguments = {
-        _ARG_SRC: memories.wrap(source, first),
-        _ARG_WEIGHTS: memories.wrap(weights, second),
-        _ARG_DST: memories.wrap(destination, result),
-      }
-      _execute_in_order((self._primitives[piece], arguments))
+    self._calls[piece](first, second, result)
 
 
 def _float32(array: np.ndarray) -> np.ndarray:

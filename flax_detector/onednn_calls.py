@@ -40,13 +40,13 @@ class Primitives(Protocol):
   def run(self, piece: str, first: int, second: int, result: int) -> None: ...
 
 
-def count_flops(target: str, from_geometry: Callable[[np.ndarray], Shape]) -> None:
+def count_flops(target: str, from_geometry: Callable[[Sequence[int]], Shape]) -> None:
   """Makes `host_flops` count a call of `target` as the FLOPs of the shape its `geometry` attribute holds."""
   _FLOPS_BY_TARGET[target] = lambda geometry: from_geometry(geometry).flops
 
 
 def operation(
-  name: str, from_geometry: Callable[[np.ndarray], Any], primitives: Callable[[Any], Primitives]
+  name: str, from_geometry: Callable[[Sequence[int]], Any], primitives: Callable[[Any], Primitives]
 ) -> Callable[[jax.Array, jax.Array, Any], jax.Array]:
   """f(inputs, kernel, shape), differentiable in inputs and kernel, computed by `primitives(shape).run`.
 
@@ -57,9 +57,14 @@ def operation(
   for target in targets.values():
     count_flops(target, from_geometry)
 
+  @functools.cache
+  def primitives_for(geometry: tuple[int, ...]) -> Primitives:
+    """The primitives of a call's geometry: a dict lookup per call once they exist."""
+    return primitives(from_geometry(geometry))
+
   def handler(piece: str) -> xla_ffi.HandlerFunction:
-    def run(operands: Sequence[int], results: Sequence[int], attributes: dict[str, np.ndarray]) -> None:
-      primitives(from_geometry(attributes["geometry"])).run(piece, operands[0], operands[1], results[0])
+    def run(operands: Sequence[int], results: Sequence[int], attributes: dict[str, tuple[int, ...]]) -> None:
+      primitives_for(attributes["geometry"]).run(piece, operands[0], operands[1], results[0])
 
     return run
 

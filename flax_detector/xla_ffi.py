@@ -15,9 +15,9 @@ import ctypes
 from collections.abc import Callable, Sequence
 
 import jax
-import numpy as np
 
 _Size, _Address = ctypes.c_size_t, ctypes.c_void_p
+_Int64Pointer = ctypes.POINTER(ctypes.c_int64)
 _EXTENSION_METADATA = 1  # XLA_FFI_Extension_Metadata
 _STAGE_EXECUTE = 3  # XLA_FFI_ExecutionStage_EXECUTE
 _ATTRIBUTE_ARRAY = 1  # XLA_FFI_AttrType_ARRAY
@@ -115,23 +115,23 @@ _Handler = ctypes.CFUNCTYPE(_Address, _Address)
 # Registered handlers must outlive every program that calls them: kept for the process.
 _REGISTERED: dict[str, ctypes._CFuncPtr] = {}
 
-# The Python side of a handler: (operand addresses, result addresses, int64 array attributes by name).
-HandlerFunction = Callable[[Sequence[int], Sequence[int], dict[str, np.ndarray]], None]
+# The Python side of a handler: (operand addresses, result addresses, int64 array attributes by name, as
+# tuples: hashable, so a handler can look up what it prepared for them).
+HandlerFunction = Callable[[Sequence[int], Sequence[int], dict[str, tuple[int, ...]]], None]
 
 
 def _addresses(values: _Values) -> list[int]:
   return [_Buffer.from_address(values.values[i]).data for i in range(values.size)]
 
 
-def _array_attributes(attributes: _Attributes) -> dict[str, np.ndarray]:
+def _array_attributes(attributes: _Attributes) -> dict[str, tuple[int, ...]]:
   arrays = {}
   for i in range(attributes.size):
     if attributes.types[i] != _ATTRIBUTE_ARRAY:
       continue
     name = attributes.names[i].contents
     array = _Array.from_address(attributes.values[i])
-    pointer = ctypes.cast(array.data, ctypes.POINTER(ctypes.c_int64))
-    arrays[name.ptr[: name.len].decode()] = np.ctypeslib.as_array(pointer, (array.size,)).copy()
+    arrays[name.ptr[: name.len].decode()] = tuple(ctypes.cast(array.data, _Int64Pointer)[: array.size])
   return arrays
 
 
