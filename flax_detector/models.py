@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_detector import convolution, matmul
+from flax_detector import convolution, matmul, normalization
 from flax_detector.pooled_dense import PooledDense
 
 # torchvision's configuration "D": conv widths per stage, each stage ends in a 2x2 max pool.
@@ -115,8 +115,8 @@ def conv_relu_for_evaluation(conv: nn.Conv, norm: nn.BatchNorm | None, x: jnp.nd
   return nn.relu(conv.clone(parent=None).apply({"params": {"kernel": kernel, "bias": bias}}, x))
 
 
-def batch_normalized_conv(conv: nn.Conv, norm: nn.BatchNorm, x: jnp.ndarray) -> jnp.ndarray:
-  """norm(conv(x)) where `norm` normalises with the batch's statistics, computed without the conv's bias add.
+def batch_normalized_conv_relu(conv: nn.Conv, norm: nn.BatchNorm, x: jnp.ndarray, library: str) -> jnp.ndarray:
+  """relu(norm(conv(x))) where `norm` normalises with the batch's statistics, computed without the conv's bias add.
 
   A per-channel bias before BatchNorm cancels against the batch mean: the normalised output does not depend on
   it, and its gradient is exactly 0 in real arithmetic (in float, rounding noise). So the convolution runs
@@ -124,15 +124,23 @@ def batch_normalized_conv(conv: nn.Conv, norm: nn.BatchNorm, x: jnp.ndarray) -> 
   backward, and the bias gets the exact gradient, 0. The only place the bias shows is the running mean, the
   mean of conv(x) + bias: it is added to the batch mean's share of the update here, so the running
   statistics, and evaluation's folded convolutions, are those of the model as written (tests/test_models.py).
-  `conv` keeps its parameters, so checkpoints and torchvision weights do not change.
+  Where oneDNN computes the model, it also computes the BatchNorm and the ReLU (flax_detector.normalization).
+  `conv` and `norm` keep their parameters, so checkpoints and torchvision weights do not change.
   """
-  kernel = conv.variables["params"]["kernel"]
+  kernel, bias = conv.variables["params"]["kernel"], conv.variables["params"]["bias"]
   unbiased = conv.clone(parent=None, use_bias=False).apply({"params": {"kernel": kernel}}, x)
-  normalized = norm(unbiased)
-  bias = conv.variables["params"]["bias"]
-  running_mean = norm.get_variable("batch_stats", "mean")
+  scale, shift = norm.variables["params"]["scale"], norm.variables["params"]["bias"]
+  fused = normalization.batch_norm_relu(library, unbiased, scale, shift, norm.epsilon)
+  if fused is None:
+    activations = nn.relu(norm(unbiased))
+    running_mean = norm.get_variable("batch_stats", "mean")
+  else:
+    activations, mean, variance = fused
+    running_variance = norm.get_variable("batch_stats", "var")
+    norm.put_variable("batch_stats", "var", norm.momentum * running_variance + (1.0 - norm.momentum) * variance)
+    running_mean = norm.momentum * norm.get_variable("batch_stats", "mean") + (1.0 - norm.momentum) * mean
   norm.put_variable("batch_stats", "mean", running_mean + (1.0 - norm.momentum) * bias)
-  return normalized
+  return activations
 
 
 class VGG16(nn.Module):
@@ -185,7 +193,7 @@ class VGG16(nn.Module):
         elif self.is_initializing() or norm.use_running_average:
           x = nn.relu(norm(conv(x)))
         else:
-          x = nn.relu(batch_normalized_conv(conv, norm, x))
+          x = batch_normalized_conv_relu(conv, norm, x, self.library)
       if index == len(self.stages) - 1:
         self.sow("intermediates", LAST_CONV_FEATURES, x)
         x = self.perturb(LAST_CONV_FEATURES, x)

@@ -42,8 +42,13 @@ _CONVOLUTION_DIRECT = 1  # dnnl_convolution_direct
 _QUERY_IMPLEMENTATION = 8  # dnnl_query_impl_info_str
 _QUERY_WEIGHTS = 131  # dnnl_query_weights_md
 _QUERY_DIFF_WEIGHTS = 132  # dnnl_query_diff_weights_md
+_BACKWARD = 128  # dnnl_backward
+_SCALE_SHIFT_AND_RELU = 0x2 | 0x4 | 0x8  # dnnl_use_scale | dnnl_use_shift | dnnl_fuse_norm_relu
+_QUERY_WORKSPACE = 135  # dnnl_query_workspace_md
 _ARG_SRC, _ARG_DST, _ARG_WEIGHTS, _ARG_BIAS = 1, 17, 33, 41
+_ARG_MEAN, _ARG_VARIANCE, _ARG_SCALE, _ARG_SHIFT, _ARG_WORKSPACE = 49, 50, 51, 52, 64
 _ARG_DIFF_SRC, _ARG_DIFF_DST, _ARG_DIFF_WEIGHTS = 129, 145, 161
+_ARG_DIFF_SCALE, _ARG_DIFF_SHIFT = 255, 256
 
 
 class OneDnnUnavailable(RuntimeError):
@@ -500,6 +505,105 @@ class Matmul(_Pieces):
     self._calls[piece](first, second, result)
 
 
+@dataclass(frozen=True)
+class BatchNormShape:
+  """A BatchNorm over the channels of float32 NHWC activations, with its epsilon."""
+
+  batch: int
+  height: int
+  width: int
+  channels: int
+  epsilon: float
+
+  @property
+  def geometry(self) -> np.ndarray:
+    """The sizes as 4 int64s (the epsilon travels as a float32 attribute of its own), see `from_attributes`."""
+    return np.array([self.batch, self.height, self.width, self.channels], np.int64)
+
+  @classmethod
+  def from_attributes(cls, geometry: Sequence[int], epsilon: float) -> "BatchNormShape":
+    return cls(*(int(value) for value in geometry), float(epsilon))
+
+
+class BatchNormRelu:
+  """relu(scale * (x - mean) / sqrt(variance + epsilon) + shift) over the batch's own statistics, forward and
+  backward for training, as oneDNN's batch normalization with the ReLU fused in (its workspace keeps the
+  ReLU's mask, one bit per activation, for the backward pass)."""
+
+  def __init__(self, shape: BatchNormShape):
+    library = _library()
+    engine, _ = _engine_and_stream()
+    self.shape = shape
+    data = _memory_descriptor((shape.batch, shape.channels, shape.height, shape.width), "acdb")
+    vector = _memory_descriptor((shape.channels,), "a")
+    epsilon = ctypes.c_float(shape.epsilon)
+    forward, backward = _Handle(), _Handle()
+    _check(
+      library.dnnl_batch_normalization_forward_primitive_desc_create(
+        ctypes.byref(forward), engine, _FORWARD_TRAINING, data, data, epsilon, _SCALE_SHIFT_AND_RELU, None
+      ),
+      "dnnl_batch_normalization_forward_primitive_desc_create",
+    )
+    _check(
+      library.dnnl_batch_normalization_backward_primitive_desc_create(
+        ctypes.byref(backward), engine, _BACKWARD, data, data, data, epsilon, _SCALE_SHIFT_AND_RELU, forward, None
+      ),
+      "dnnl_batch_normalization_backward_primitive_desc_create",
+    )
+    workspace = _Handle(library.dnnl_primitive_desc_query_md(forward, _QUERY_WORKSPACE, 0))
+    self.workspace_bytes = library.dnnl_memory_desc_get_size(workspace)
+    statistics = ((_ARG_MEAN, vector), (_ARG_VARIANCE, vector))
+    self._forward = _Call(
+      forward,
+      (
+        (_ARG_SRC, data),
+        (_ARG_SCALE, vector),
+        (_ARG_SHIFT, vector),
+        (_ARG_DST, data),
+        *statistics,
+        (_ARG_WORKSPACE, workspace),
+      ),
+    )
+    self._backward = _Call(
+      backward,
+      (
+        (_ARG_SRC, data),
+        (_ARG_DIFF_DST, data),
+        *statistics,
+        (_ARG_SCALE, vector),
+        (_ARG_WORKSPACE, workspace),
+        (_ARG_DIFF_SRC, data),
+        (_ARG_DIFF_SCALE, vector),
+        (_ARG_DIFF_SHIFT, vector),
+      ),
+    )
+    self.implementations = {"forward": self._forward.implementation, "backward": self._backward.implementation}
+
+  def forward(
+    self, inputs: int, scale: int, shift: int, outputs: int, mean: int, variance: int, workspace: int
+  ) -> None:
+    """From the activations and the float32[channels] scale and shift at those addresses, writes the outputs,
+    the batch's mean and (biased) variance, and the workspace (`workspace_bytes`) that `backward` reads."""
+    self._forward(inputs, scale, shift, outputs, mean, variance, workspace)
+
+  def backward(
+    self,
+    inputs: int,
+    output_gradient: int,
+    mean: int,
+    variance: int,
+    scale: int,
+    workspace: int,
+    input_gradient: int,
+    scale_gradient: int,
+    shift_gradient: int,
+  ) -> None:
+    """The gradients of the inputs, scale and shift, from the forward pass's inputs, statistics and workspace."""
+    self._backward(
+      inputs, output_gradient, mean, variance, scale, workspace, input_gradient, scale_gradient, shift_gradient
+    )
+
+
 def _float32(array: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(array, np.float32)
 
@@ -516,5 +620,13 @@ def convolution(shape: ConvolutionShape) -> Convolution:
 def matmul(shape: MatmulShape) -> Matmul:
   """The primitives for `shape`, created on first use and kept for the process."""
   created = Matmul(shape)
+  logging.info("oneDNN kernels for %s: %s", shape, created.implementations)
+  return created
+
+
+@functools.cache
+def batch_norm_relu(shape: BatchNormShape) -> BatchNormRelu:
+  """The primitives for `shape`, created on first use (at trace time: the workspace's size) and kept."""
+  created = BatchNormRelu(shape)
   logging.info("oneDNN kernels for %s: %s", shape, created.implementations)
   return created

@@ -17,7 +17,8 @@ from collections.abc import Callable, Sequence
 import jax
 
 _Size, _Address = ctypes.c_size_t, ctypes.c_void_p
-_Int64Pointer = ctypes.POINTER(ctypes.c_int64)
+# XLA_FFI_DataType_S64 and _F32: the element types an array attribute may have here.
+_ELEMENT_POINTERS = {5: ctypes.POINTER(ctypes.c_int64), 11: ctypes.POINTER(ctypes.c_float)}
 _EXTENSION_METADATA = 1  # XLA_FFI_Extension_Metadata
 _STAGE_EXECUTE = 3  # XLA_FFI_ExecutionStage_EXECUTE
 _ATTRIBUTE_ARRAY = 1  # XLA_FFI_AttrType_ARRAY
@@ -115,23 +116,25 @@ _Handler = ctypes.CFUNCTYPE(_Address, _Address)
 # Registered handlers must outlive every program that calls them: kept for the process.
 _REGISTERED: dict[str, ctypes._CFuncPtr] = {}
 
-# The Python side of a handler: (operand addresses, result addresses, int64 array attributes by name, as
-# tuples: hashable, so a handler can look up what it prepared for them).
-HandlerFunction = Callable[[Sequence[int], Sequence[int], dict[str, tuple[int, ...]]], None]
+# The Python side of a handler: (operand addresses, result addresses, int64 or float32 array attributes by
+# name, as tuples: hashable, so a handler can look up what it prepared for them).
+HandlerFunction = Callable[[Sequence[int], Sequence[int], dict[str, tuple[int, ...] | tuple[float, ...]]], None]
 
 
 def _addresses(values: _Values) -> list[int]:
   return [_Buffer.from_address(values.values[i]).data for i in range(values.size)]
 
 
-def _array_attributes(attributes: _Attributes) -> dict[str, tuple[int, ...]]:
+def _array_attributes(attributes: _Attributes) -> dict[str, tuple[int, ...] | tuple[float, ...]]:
   arrays = {}
   for i in range(attributes.size):
     if attributes.types[i] != _ATTRIBUTE_ARRAY:
       continue
-    name = attributes.names[i].contents
+    name = attributes.names[i].contents.ptr[: attributes.names[i].contents.len].decode()
     array = _Array.from_address(attributes.values[i])
-    arrays[name.ptr[: name.len].decode()] = tuple(ctypes.cast(array.data, _Int64Pointer)[: array.size])
+    if array.dtype not in _ELEMENT_POINTERS:
+      raise TypeError(f"array attribute {name!r} has XLA_FFI_DataType {array.dtype}; use int64 or float32")
+    arrays[name] = tuple(ctypes.cast(array.data, _ELEMENT_POINTERS[array.dtype])[: array.size])
   return arrays
 
 

@@ -83,3 +83,17 @@ def pytest_configure(config):
     r"ignore:(?s)Exception ignored in. None.*in call_soon_threadsafe.*Event loop is closed"
     ":pytest.PytestUnraisableExceptionWarning",
   )
+
+
+@pytest.fixture
+def onednn_allowed(monkeypatch):
+  """The tests run on 8 simulated devices, where "auto" picks XLA; a model applied without a mesh can use
+  oneDNN, so the device condition is lifted for the test (and the cached choice cleared around it)."""
+  from flax_detector import compute_library, onednn  # pylint: disable=g-import-not-at-top
+
+  if onednn.why_unavailable() is not None:
+    pytest.skip(onednn.why_unavailable())
+  monkeypatch.setattr(compute_library, "onednn_unusable_reason", lambda: None)
+  compute_library.uses_onednn.cache_clear()
+  yield
+  compute_library.uses_onednn.cache_clear()

@@ -124,18 +124,6 @@ def test_host_flops_counts_the_custom_calls_xla_keeps():
   assert counted == 2 * shape.flops  # forward + kernel gradient
 
 
-@pytest.fixture
-def onednn_allowed(monkeypatch):
-  """The tests run on 8 simulated devices, where "auto" picks XLA; a model applied without a mesh can use
-  oneDNN, so the device condition is lifted for the test (and the cached choice cleared around it)."""
-  if onednn.why_unavailable() is not None:
-    pytest.skip(onednn.why_unavailable())
-  monkeypatch.setattr(compute_library, "onednn_unusable_reason", lambda: None)
-  compute_library.uses_onednn.cache_clear()
-  yield
-  compute_library.uses_onednn.cache_clear()
-
-
 @pytest.mark.parametrize("batch_norm", [True, False])
 def test_vgg16_with_onednn_matches_xla_and_repeats_bitwise(onednn_allowed, batch_norm):
   images = jax.random.randint(jax.random.key(2), (4, 32, 32, 3), 0, 256).astype(jnp.uint8)
