@@ -81,8 +81,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   model.width_multiplier = 1.0
   # Compute dtype of activations ("float32", "bfloat16", "float16"); parameters stay float32.
   model.dtype = "bfloat16"
-  # Which library computes the convolutions and Dense layers: "auto" (oneDNN for float32 on a one-device CPU
-  # run where libdnnl loads, XLA otherwise), "xla" or "onednn" (see flax_detector/compute_library.py, README).
+  # Which library computes the convolutions, Dense layers and training BatchNorm: "auto" (oneDNN for float32 on
+  # a one-device CPU run where libdnnl loads, XLA otherwise), "xla" or "onednn" (flax_detector/compute_library.py).
   model.library = "auto"
   # Dropout rate of the two hidden classifier layers (torchvision: 0.5).
   model.dropout_rate = 0.5

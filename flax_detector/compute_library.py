@@ -1,10 +1,10 @@
-"""Which library computes the model's convolutions and Dense layers: XLA's own, or oneDNN on CPU.
+"""Which library computes the model's convolutions, Dense layers and training BatchNorm: XLA's own, or oneDNN.
 
 `config.model.library`, resolved once per process at trace time:
   "xla":    XLA everywhere.
-  "onednn": oneDNN (flax_detector.onednn) for every float32 convolution (stride 1, ungrouped, NHWC) and
-            Dense layer it can take (flax_detector.convolution, flax_detector.matmul); an error where it
-            cannot run (no libdnnl, not on CPU, several devices).
+  "onednn": oneDNN (flax_detector.onednn) for every float32 convolution (stride 1, ungrouped, NHWC),
+            Dense layer and training BatchNorm + ReLU it can take (flax_detector.convolution, .matmul,
+            .normalization); an error where it cannot run (no libdnnl, not on CPU, several devices).
   "auto":   oneDNN where it can run, XLA otherwise: accelerators, multi-device meshes and bfloat16 get XLA,
             and a missing library only costs speed.
 
@@ -42,9 +42,9 @@ def uses_onednn(choice: str) -> bool:
     return False
   reason = onednn_unusable_reason()
   if reason is None:
-    logging.info("Convolutions and Dense layers: oneDNN (model.library=%r).", choice)
+    logging.info("Convolutions, Dense layers and BatchNorm: oneDNN (model.library=%r).", choice)
     return True
   if choice == "onednn":
     raise ValueError(f'model.library="onednn" cannot run here: {reason}. Use "auto" or "xla".')
-  logging.info("Convolutions and Dense layers: XLA (model.library='auto': %s).", reason)
+  logging.info("Convolutions, Dense layers and BatchNorm: XLA (model.library='auto': %s).", reason)
   return False
