@@ -111,8 +111,20 @@ def _format_tags() -> dict[str, int]:
   return {name.decode(): value for value, name in names.items() if name}
 
 
-@functools.cache
+_ENGINE_CREATION_LOCK = threading.Lock()
+
+
 def _engine_and_stream() -> tuple[_Handle, _Handle]:
+  """The process's one CPU engine and stream. XLA can make its first two oneDNN calls at once (the first
+  convolution beside the fold of the first Dense layer's kernel): unguarded, each thread made an engine of
+  its own, and a primitive then ran on another engine's stream or memory, which oneDNN refuses with
+  dnnl_invalid_arguments (status 2) on every later call."""
+  with _ENGINE_CREATION_LOCK:
+    return _create_engine_and_stream()
+
+
+@functools.cache
+def _create_engine_and_stream() -> tuple[_Handle, _Handle]:
   library = _library()
   engine, stream = _Handle(), _Handle()
   _check(library.dnnl_engine_create(ctypes.byref(engine), _CPU_ENGINE, 0), "dnnl_engine_create")

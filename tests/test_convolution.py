@@ -194,3 +194,34 @@ def test_fused_bias_relu_matches_xla_with_its_gradients_and_declines_what_it_can
   assert convolution.conv_bias_relu("xla", x, kernel, bias, padding) is None
   assert convolution.conv_bias_relu("onednn", x.astype(jnp.bfloat16), kernel, bias, padding) is None
   assert convolution.conv_bias_relu("onednn", x, kernel, bias[:3], padding) is None
+
+
+_FIRST_USE_FROM_EIGHT_THREADS = """
+import threading
+from flax_detector import onednn
+for attempt in range(20):
+  onednn._create_engine_and_stream.cache_clear()  # a fresh first use each attempt (engines leak: a subprocess)
+  barrier, handles = threading.Barrier(8), []
+  def first_use():
+    barrier.wait()
+    engine, stream = onednn._engine_and_stream()
+    handles.append((engine.value, stream.value))
+  threads = [threading.Thread(target=first_use) for _ in range(8)]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join()
+  assert len(set(handles)) == 1, f"attempt {attempt}: {len(set(handles))} engines"
+print("one engine")
+"""
+
+
+@needs_onednn
+def test_threads_using_onednn_at_once_for_the_first_time_share_one_engine():
+  """XLA can make its first two oneDNN calls at once; a second engine made oneDNN refuse every later call of
+  a primitive built on the other one (dnnl_invalid_arguments). Unguarded, 8 threads made 2 engines in about
+  one attempt in three."""
+  done = subprocess.run(
+    [sys.executable, "-c", _FIRST_USE_FROM_EIGHT_THREADS], capture_output=True, text=True, timeout=300, check=False
+  )
+  assert done.returncode == 0 and "one engine" in done.stdout, done.stderr[-2000:]
