@@ -21,6 +21,7 @@ _NHWC_HWIO = ("NHWC", "HWIO", "NHWC")
 # forward (inputs, kernel), input gradient, kernel gradient: custom calls, differentiable as one function
 _onednn_convolution = onednn_calls.operation("convolution", onednn.ConvolutionShape.from_geometry, onednn.convolution)
 _BIAS_RELU_TARGET = "flax_detector_onednn_convolution_bias_relu"
+_convolution_of = onednn_calls.by_geometry(onednn.ConvolutionShape.from_geometry, onednn.convolution)
 onednn_calls.count_flops(_BIAS_RELU_TARGET, onednn.ConvolutionShape.from_geometry)
 
 
@@ -118,11 +119,6 @@ def conv_bias_relu(
   if shape is None or bias.shape != (shape.out_channels,) or bias.dtype != jnp.float32:
     return None
   return _fused_bias_relu(inputs, kernel, bias, shape)
-
-
-@functools.cache
-def _convolution_of(geometry: tuple[int, ...]) -> onednn.Convolution:
-  return onednn.convolution(onednn.ConvolutionShape.from_geometry(geometry))
 
 
 @functools.cache

@@ -132,7 +132,7 @@ def batch_normalized_conv_relu(conv: nn.Conv, norm: nn.BatchNorm, x: jnp.ndarray
   scale, shift = norm.variables["params"]["scale"], norm.variables["params"]["bias"]
   fused = normalization.batch_norm_relu(library, unbiased, scale, shift, norm.epsilon)
   if fused is None:
-    activations = nn.relu(norm(unbiased))
+    activations = nn.relu(norm(unbiased))  # Flax updates the running statistics from the unbiased batch
     running_mean = norm.get_variable("batch_stats", "mean")
   else:
     activations, mean, variance = fused

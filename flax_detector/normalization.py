@@ -21,8 +21,8 @@ from flax_detector import compute_library, onednn, xla_ffi
 
 # Larger activations stay with XLA. Measured on full-width VGG16-BN (benchmarks/RESULTS.md): with oneDNN for its
 # 4-8 M-element layers (64 and 128 channels, batch 32) the step is ~6% slower, although oneDNN's kernels alone
-# are 2.5-4x faster there: XLA's passes over those layers run beside the convolutions' oneDNN calls, which keep
-# the cores only ~80% busy, while a oneDNN call waits its turn (onednn's execution lock).
+# are 2.5-4x faster there. Probably (not proven) XLA's passes over those layers run beside the convolutions'
+# oneDNN calls, which keep the cores only ~80% busy, while a oneDNN call waits its turn (onednn's lock).
 LARGEST_ACTIVATIONS = 2**21
 _FORWARD_TARGET = "flax_detector_onednn_batch_norm_relu_forward"
 _BACKWARD_TARGET = "flax_detector_onednn_batch_norm_relu_backward"

@@ -256,7 +256,7 @@ class _Call:
     self._primitive = _primitive(descriptor)
     self._external = [_memory(argument_descriptor) for _, argument_descriptor in arguments]
     primitive_arguments = {argument: memory for (argument, _), memory in zip(arguments, self._external, strict=True)}
-    self._before, self._after = [], []
+    before, after = [], []
     if staged_kernel is not None:
       kernel_argument, query, user_descriptor = staged_kernel
       staged_descriptor = _Handle(library.dnnl_primitive_desc_query_md(descriptor, query, 0))
@@ -264,10 +264,10 @@ class _Call:
       self._external.append(user)
       primitive_arguments[kernel_argument] = staged
       if kernel_argument == _ARG_DIFF_WEIGHTS:
-        self._after.append((_reorder(staged_descriptor, user_descriptor), _packed({_ARG_SRC: staged, _ARG_DST: user})))
+        after.append((_reorder(staged_descriptor, user_descriptor), _packed({_ARG_SRC: staged, _ARG_DST: user})))
       else:
-        self._before.append((_reorder(user_descriptor, staged_descriptor), _packed({_ARG_SRC: user, _ARG_DST: staged})))
-    self._sequence = [*self._before, (self._primitive, _packed(primitive_arguments)), *self._after]
+        before.append((_reorder(user_descriptor, staged_descriptor), _packed({_ARG_SRC: user, _ARG_DST: staged})))
+    self._sequence = [*before, (self._primitive, _packed(primitive_arguments)), *after]
 
   def __call__(self, *addresses: int) -> None:
     """Runs the primitive (with its kernel reorder) on the buffers at `addresses` and waits until it has finished."""

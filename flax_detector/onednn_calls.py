@@ -45,6 +45,12 @@ def count_flops(target: str, from_geometry: Callable[[Sequence[int]], Shape]) ->
   _FLOPS_BY_TARGET[target] = lambda geometry: from_geometry(geometry).flops
 
 
+def by_geometry(from_geometry: Callable[[Sequence[int]], Any], primitives: Callable[[Any], Any]) -> Callable[..., Any]:
+  """primitives(from_geometry(geometry)), cached by a custom call's geometry tuple: once the primitives exist, a
+  handler finds them with one dict lookup instead of building and hashing a shape on every call."""
+  return functools.cache(lambda geometry: primitives(from_geometry(geometry)))
+
+
 def operation(
   name: str, from_geometry: Callable[[Sequence[int]], Any], primitives: Callable[[Any], Primitives]
 ) -> Callable[[jax.Array, jax.Array, Any], jax.Array]:
@@ -57,10 +63,7 @@ def operation(
   for target in targets.values():
     count_flops(target, from_geometry)
 
-  @functools.cache
-  def primitives_for(geometry: tuple[int, ...]) -> Primitives:
-    """The primitives of a call's geometry: a dict lookup per call once they exist."""
-    return primitives(from_geometry(geometry))
+  primitives_for = by_geometry(from_geometry, primitives)
 
   def handler(piece: str) -> xla_ffi.HandlerFunction:
     def run(operands: Sequence[int], results: Sequence[int], attributes: dict[str, tuple[int, ...]]) -> None:
