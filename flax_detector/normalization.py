@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_detector import compute_library, onednn, xla_ffi
+from flax_detector import compute_library, onednn, onednn_calls, xla_ffi
 
 # Larger activations stay with XLA. Measured on full-width VGG16-BN (benchmarks/RESULTS.md): with oneDNN for its
 # 4-8 M-element layers (64 and 128 channels, batch 32) the step is ~6% slower, although oneDNN's kernels alone
@@ -44,8 +44,11 @@ def batch_norm_relu(
   return outputs, jax.lax.stop_gradient(mean), jax.lax.stop_gradient(variance)
 
 
+_primitives_of = onednn_calls.by_geometry(onednn.BatchNormShape.from_attributes, onednn.batch_norm_relu)
+
+
 def _primitives(attributes: dict[str, tuple]) -> onednn.BatchNormRelu:
-  return onednn.batch_norm_relu(onednn.BatchNormShape.from_attributes(attributes["geometry"], *attributes["epsilon"]))
+  return _primitives_of(attributes["geometry"], *attributes["epsilon"])
 
 
 @functools.cache

@@ -239,26 +239,28 @@ class _Call:
   the call's addresses, so a call costs a few pointer updates rather than four objects made and destroyed.
 
   `arguments` are the (argument, descriptor) pairs whose buffers the caller passes, in the order `__call__`
-  takes their addresses. With `staged_kernel` = (argument, query, user descriptor) that argument lives in a
-  buffer of the layout the primitive chose (format "any"), allocated once; the caller's kernel in the user
-  layout (HWIO) comes last in the addresses and is reordered into that buffer before the primitive or, for
-  a kernel gradient (a diff argument), out of it after.
+  takes their addresses. With `staged_kernel` = (argument, user descriptor) that argument, the weights or
+  their gradient, lives in a buffer of the layout the primitive chose (format "any"), allocated once; the
+  caller's kernel in the user layout (HWIO) comes last in the addresses and is reordered into that buffer
+  before the primitive or, for the gradient, out of it after.
   """
 
   def __init__(
     self,
     descriptor: _Handle,
     arguments: tuple[tuple[int, _Handle], ...],
-    staged_kernel: tuple[int, int, _Handle] | None = None,
+    staged_kernel: tuple[int, _Handle] | None = None,
   ):
     library = _library()
+    _, self._stream = _engine_and_stream()
     self.implementation = _implementation(descriptor)
     self._primitive = _primitive(descriptor)
     self._external = [_memory(argument_descriptor) for _, argument_descriptor in arguments]
     primitive_arguments = {argument: memory for (argument, _), memory in zip(arguments, self._external, strict=True)}
     before, after = [], []
     if staged_kernel is not None:
-      kernel_argument, query, user_descriptor = staged_kernel
+      kernel_argument, user_descriptor = staged_kernel
+      query = _QUERY_DIFF_WEIGHTS if kernel_argument == _ARG_DIFF_WEIGHTS else _QUERY_WEIGHTS
       staged_descriptor = _Handle(library.dnnl_primitive_desc_query_md(descriptor, query, 0))
       staged, user = _memory(staged_descriptor, _ALLOCATE), _memory(user_descriptor)
       self._external.append(user)
@@ -271,8 +273,7 @@ class _Call:
 
   def __call__(self, *addresses: int) -> None:
     """Runs the primitive (with its kernel reorder) on the buffers at `addresses` and waits until it has finished."""
-    library = _library()
-    _, stream = _engine_and_stream()
+    library, stream = _library(), self._stream
     with _EXECUTION_LOCK:
       for memory, address in zip(self._external, addresses, strict=True):
         _check(library.dnnl_memory_set_data_handle(memory, _Handle(address)), "dnnl_memory_set_data_handle")
@@ -373,18 +374,14 @@ class Convolution(_Pieces):
     )
     inputs, outputs = self._input, self._output
     self._calls = {
-      "forward": _Call(forward, ((_ARG_SRC, inputs), (_ARG_DST, outputs)), self._staged(_ARG_WEIGHTS)),
+      "forward": _Call(forward, ((_ARG_SRC, inputs), (_ARG_DST, outputs)), (_ARG_WEIGHTS, self._user_kernel)),
       "input_gradient": _Call(
-        input_gradient, ((_ARG_DIFF_DST, outputs), (_ARG_DIFF_SRC, inputs)), self._staged(_ARG_WEIGHTS)
+        input_gradient, ((_ARG_DIFF_DST, outputs), (_ARG_DIFF_SRC, inputs)), (_ARG_WEIGHTS, self._user_kernel)
       ),
       "kernel_gradient": _Call(
-        kernel_gradient, ((_ARG_SRC, inputs), (_ARG_DIFF_DST, outputs)), self._staged(_ARG_DIFF_WEIGHTS)
+        kernel_gradient, ((_ARG_SRC, inputs), (_ARG_DIFF_DST, outputs)), (_ARG_DIFF_WEIGHTS, self._user_kernel)
       ),
     }
-
-  def _staged(self, argument: int) -> tuple[int, int, _Handle]:
-    """`_Call`'s staged kernel: the HWIO kernel (or its gradient) in the layout the primitive runs with."""
-    return argument, _QUERY_DIFF_WEIGHTS if argument == _ARG_DIFF_WEIGHTS else _QUERY_WEIGHTS, self._user_kernel
 
   @property
   def implementations(self) -> dict[str, str]:
@@ -443,7 +440,7 @@ class Convolution(_Pieces):
       if attributes:
         library.dnnl_primitive_attr_destroy(attributes)
     arguments = ((_ARG_SRC, self._input), (_ARG_BIAS, self._bias), (_ARG_DST, self._output))
-    return _Call(descriptor, arguments, self._staged(_ARG_WEIGHTS))
+    return _Call(descriptor, arguments, (_ARG_WEIGHTS, self._user_kernel))
 
 
 @dataclass(frozen=True)

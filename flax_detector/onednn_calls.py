@@ -45,10 +45,11 @@ def count_flops(target: str, from_geometry: Callable[[Sequence[int]], Shape]) ->
   _FLOPS_BY_TARGET[target] = lambda geometry: from_geometry(geometry).flops
 
 
-def by_geometry(from_geometry: Callable[[Sequence[int]], Any], primitives: Callable[[Any], Any]) -> Callable[..., Any]:
-  """primitives(from_geometry(geometry)), cached by a custom call's geometry tuple: once the primitives exist, a
-  handler finds them with one dict lookup instead of building and hashing a shape on every call."""
-  return functools.cache(lambda geometry: primitives(from_geometry(geometry)))
+def by_geometry(from_geometry: Callable[..., Any], primitives: Callable[[Any], Any]) -> Callable[..., Any]:
+  """primitives(from_geometry(*attributes)), cached by a custom call's attribute values (its geometry tuple,
+  and any others the shape needs): once the primitives exist, a handler finds them with one dict lookup
+  instead of building and hashing a shape on every call."""
+  return functools.cache(lambda *attributes: primitives(from_geometry(*attributes)))
 
 
 def operation(
