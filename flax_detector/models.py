@@ -60,30 +60,42 @@ def _window_max(x: jnp.ndarray) -> jnp.ndarray:
   return _windows(x).max(axis=(2, 4))
 
 
-def _window_max_forward(x: jnp.ndarray) -> tuple[jnp.ndarray, tuple[jnp.ndarray, jnp.ndarray]]:
-  pooled = _window_max(x)
-  return pooled, (x, pooled)
+def _window_max_forward(x: jnp.ndarray) -> tuple[jnp.ndarray, tuple[jnp.ndarray, tuple[int, ...]]]:
+  """The pooled maxima, and for the gradient each window's first maximum as a position code (int8, 0-3).
+
+  The code is a sixteenth of x's bytes (float32), the only residual the gradient needs: x itself need not
+  stay alive for it.
+  """
+  windows = _windows(x)
+  pooled = windows.max(axis=(2, 4))
+  # Row-major order, as nn.max_pool's gradient picks among equal maxima. A window holding a NaN gets code 3,
+  # where nn.max_pool's goes to another single position (a non-finite loss stops training anyway).
+  first_maximum = jnp.where(
+    windows[:, :, 0, :, 0] == pooled,
+    0,
+    jnp.where(windows[:, :, 0, :, 1] == pooled, 1, jnp.where(windows[:, :, 1, :, 0] == pooled, 2, 3)),
+  ).astype(jnp.int8)
+  return pooled, (first_maximum, x.shape)
 
 
-def _window_max_backward(residuals: tuple[jnp.ndarray, jnp.ndarray], cotangent: jnp.ndarray) -> tuple[jnp.ndarray]:
+def _window_max_backward(residuals: tuple[jnp.ndarray, tuple[int, ...]], cotangent: jnp.ndarray) -> tuple[jnp.ndarray]:
   """Each window's gradient goes to its first maximum in row-major order, as nn.max_pool's does.
 
   Autodiff of the reshape's max would share it among equal maxima instead: that needs a count of the
-  maxima per window, a reduction XLA runs as a pass of its own over every pooled activation. This is
-  one elementwise pass over x, the pooled maxima and the cotangent.
+  maxima per window, a reduction XLA runs as a pass of its own over every pooled activation. This is one
+  elementwise select over x's shape that reads only the position codes and the cotangent (both pooled-sized);
+  writing the four positions' gradients as stacked slices instead took 1.7-2x as long on the cpu preset's
+  pools from 32 px down (benchmarks/RESULTS.md, session 16).
   """
-  x, pooled = residuals
-  windows = _windows(x)
-  gradients, taken = [], jnp.zeros(pooled.shape, bool)
-  for row, column in ((0, 0), (0, 1), (1, 0), (1, 1)):
-    # The last position takes the gradient when no earlier one did. Its own comparison would only differ for
-    # a window holding a NaN: the gradient then goes here, where nn.max_pool's goes to another single position
-    # (a non-finite loss stops training anyway).
-    first = ~taken if (row, column) == (1, 1) else (windows[:, :, row, :, column] == pooled) & ~taken
-    gradients.append(jnp.where(first, cotangent, jnp.zeros_like(cotangent)))
-    taken = taken | first
-  rows = [jnp.stack(gradients[0:2], axis=3), jnp.stack(gradients[2:4], axis=3)]  # [b, h/2, w/2, 2, c] each
-  return (jnp.stack(rows, axis=2).reshape(x.shape),)
+  first_maximum, shape = residuals
+  batch, rows, columns, channels = cotangent.shape
+  windows_shape = (batch, rows, 2, columns, 2, channels)
+  position = 2 * jax.lax.broadcasted_iota(jnp.int8, windows_shape, 2) + jax.lax.broadcasted_iota(
+    jnp.int8, windows_shape, 4
+  )
+  taken = position == first_maximum[:, :, None, :, None, :]
+  gradient = jnp.where(taken, cotangent[:, :, None, :, None, :], jnp.zeros((), cotangent.dtype))
+  return (gradient.reshape(shape),)
 
 
 _window_max.defvjp(_window_max_forward, _window_max_backward)
