@@ -60,7 +60,7 @@ def _window_max(x: jnp.ndarray) -> jnp.ndarray:
   return _windows(x).max(axis=(2, 4))
 
 
-def _window_max_forward(x: jnp.ndarray) -> tuple[jnp.ndarray, tuple[jnp.ndarray, tuple[int, ...]]]:
+def _window_max_forward(x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
   """The pooled maxima, and for the gradient each window's first maximum as a position code (int8, 0-3).
 
   The code is a sixteenth of x's bytes (float32), the only residual the gradient needs: x itself need not
@@ -75,10 +75,10 @@ def _window_max_forward(x: jnp.ndarray) -> tuple[jnp.ndarray, tuple[jnp.ndarray,
     0,
     jnp.where(windows[:, :, 0, :, 1] == pooled, 1, jnp.where(windows[:, :, 1, :, 0] == pooled, 2, 3)),
   ).astype(jnp.int8)
-  return pooled, (first_maximum, x.shape)
+  return pooled, first_maximum
 
 
-def _window_max_backward(residuals: tuple[jnp.ndarray, tuple[int, ...]], cotangent: jnp.ndarray) -> tuple[jnp.ndarray]:
+def _window_max_backward(first_maximum: jnp.ndarray, cotangent: jnp.ndarray) -> tuple[jnp.ndarray]:
   """Each window's gradient goes to its first maximum in row-major order, as nn.max_pool's does.
 
   Autodiff of the reshape's max would share it among equal maxima instead: that needs a count of the
@@ -87,7 +87,6 @@ def _window_max_backward(residuals: tuple[jnp.ndarray, tuple[int, ...]], cotange
   writing the four positions' gradients as stacked slices instead took 1.7-2x as long on the cpu preset's
   pools from 32 px down (benchmarks/RESULTS.md, session 16).
   """
-  first_maximum, shape = residuals
   batch, rows, columns, channels = cotangent.shape
   windows_shape = (batch, rows, 2, columns, 2, channels)
   position = 2 * jax.lax.broadcasted_iota(jnp.int8, windows_shape, 2) + jax.lax.broadcasted_iota(
@@ -95,7 +94,7 @@ def _window_max_backward(residuals: tuple[jnp.ndarray, tuple[int, ...]], cotange
   )
   taken = position == first_maximum[:, :, None, :, None, :]
   gradient = jnp.where(taken, cotangent[:, :, None, :, None, :], jnp.zeros((), cotangent.dtype))
-  return (gradient.reshape(shape),)
+  return (gradient.reshape(batch, 2 * rows, 2 * columns, channels),)  # x's shape: max_pool_2x2 cropped it even
 
 
 _window_max.defvjp(_window_max_forward, _window_max_backward)
