@@ -35,7 +35,11 @@ import platform
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
-_NEVER_TRIM = 2**31 - 1  # the largest int mallopt takes: the heap's top is never given back
+# mallopt takes an int and glibc stores it as a size_t: -1 is SIZE_MAX, a top chunk no heap reaches. The largest
+# positive int (2**31 - 1) still let glibc give back a top above 2 GB, which the full-width model reaches at 64 px
+# with two steps' buffers alive (the loop dispatches a step before the last one ends): 0.3-0.9 GB faulted in again
+# per step, the step 1.3-1.7x slower (benchmarks/RESULTS.md).
+_NEVER_TRIM = -1
 OPT_OUT_VARIABLE = "FLAX_DETECTOR_KEEP_FREED_MEMORY"
 
 
