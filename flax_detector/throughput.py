@@ -20,16 +20,18 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from unittest import mock
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from clu import metric_writers
 
 from flax_detector import compute_library, input_pipeline, matmul, onednn_calls, sharding
+
+if TYPE_CHECKING:  # CLU's writers import TensorFlow; Grain's workers re-import `benchmark` and this module
+  from clu import metric_writers
 
 TORCH_REFERENCE = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "torch_reference.py"
 
@@ -204,7 +206,7 @@ class _ClockedWriter:
   TensorFlow is absent and the TensorBoard writer writes nothing (the GPU image, ../shared/gpu).
   """
 
-  def __init__(self, writer: metric_writers.MetricWriter, times: list[tuple[int, float]]) -> None:
+  def __init__(self, writer: "metric_writers.MetricWriter", times: list[tuple[int, float]]) -> None:
     self._writer, self._times = writer, times
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:

@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -135,3 +138,24 @@ def test_unreadable_files_are_left_out_and_a_file_broken_later_is_masked(make_co
   test_masks = np.concatenate([test[i]["mask"] for i in range(len(test))])
   assert test_masks.sum() == 16
   assert "3.png" in caplog.text and splits.train.labels[later] == 0
+
+
+# Grain's worker processes are spawned: each re-imports the command's module (multiprocessing runs it as
+# __mp_main__) before it decodes anything. TensorFlow, which CLU's metric writers import, costs a worker
+# about 10 s of CPU there; with `benchmark` importing it, three workers spent ~40 s of a 2-core machine's
+# CPU during a 50-s end-to-end measurement.
+_IMPORTS_TENSORFLOW = """
+import importlib, sys
+importlib.import_module(sys.argv[1])
+print("tensorflow" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize(
+  "command", ["flax_detector.main", "flax_detector.benchmark", "flax_detector.predict", "flax_detector.evaluate"]
+)
+def test_commands_that_start_grain_workers_do_not_import_tensorflow_at_module_level(command):
+  result = subprocess.run(
+    [sys.executable, "-c", _IMPORTS_TENSORFLOW, command], capture_output=True, text=True, timeout=120, check=True
+  )
+  assert result.stdout.strip().splitlines()[-1] == "False"
