@@ -142,8 +142,8 @@ def test_unreadable_files_are_left_out_and_a_file_broken_later_is_masked(make_co
 
 # Grain's worker processes are spawned: each re-imports the command's module (multiprocessing runs it as
 # __mp_main__) before it decodes anything. TensorFlow, which CLU's metric writers import, costs a worker
-# about 10 s of CPU there; with `benchmark` importing it, three workers spent ~40 s of a 2-core machine's
-# CPU during a 50-s end-to-end measurement.
+# about 10 s of CPU there; with `benchmark` importing it, three workers spent ~30 s of a 2-core machine's
+# CPU during a 40-50 s end-to-end measurement.
 _IMPORTS_TENSORFLOW = """
 import importlib, sys
 importlib.import_module(sys.argv[1])
