@@ -25,6 +25,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import jax
 import numpy as np
 from absl import logging
 
@@ -219,6 +220,9 @@ class ConvolutionShape:
 # oneDNN runs each primitive on all cores (OpenMP); two at once from XLA's threads would only contend. The lock
 # also makes each call's memory objects its own from re-pointing them until the primitive has finished.
 _EXECUTION_LOCK = threading.Lock()
+# The profiler event a call records once it holds the lock: a custom call's own trace event also covers its
+# wait for the lock, while another call runs (flax_detector.step_profile starts the op here instead).
+RUNNING_EVENT = "oneDNN primitive running"
 _ALLOCATE = _Handle(ctypes.c_size_t(-1).value)  # DNNL_MEMORY_ALLOCATE: oneDNN allocates the buffer itself
 
 
@@ -274,7 +278,7 @@ class _Call:
   def __call__(self, *addresses: int) -> None:
     """Runs the primitive (with its kernel reorder) on the buffers at `addresses` and waits until it has finished."""
     library, stream = _library(), self._stream
-    with _EXECUTION_LOCK:
+    with _EXECUTION_LOCK, jax.profiler.TraceAnnotation(RUNNING_EVENT):
       for memory, address in zip(self._external, addresses, strict=True):
         _check(library.dnnl_memory_set_data_handle(memory, _Handle(address)), "dnnl_memory_set_data_handle")
       for primitive, packed in self._sequence:

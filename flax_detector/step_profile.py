@@ -15,9 +15,12 @@ microseconds while the work goes on for milliseconds; the thunk executor marks t
 completes with an `end: <op>` event. So on CPU an op is in flight from its launch to that event, and
 every moment of the trace is split evenly among the ops in flight then: ops that run at once on XLA's
 threads share the time, and the ops' times add up to the steps' wall time. Where a trace has no `end:`
-events (GPU kernels are timed as they run), each event's own duration is the op's time.
+events (GPU kernels are timed as they run), each event's own duration is the op's time. A oneDNN custom
+call first waits for the lock that runs one primitive at a time (flax_detector.onednn): it is in flight
+only from the event it records once it holds the lock, so a call waiting takes no share of the one running.
 """
 
+import bisect
 import collections
 import dataclasses
 import gzip
@@ -27,6 +30,8 @@ import re
 from typing import Any
 
 import jax
+
+from flax_detector.onednn import RUNNING_EVENT
 
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%(?P<name>[\w.\-]+) .*\{$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(?P<op>[\w.\-]+) = ")
@@ -84,12 +89,22 @@ def _trace_events(trace_dir: pathlib.Path) -> list[dict[str, Any]]:
   return trace["traceEvents"] if isinstance(trace, dict) else trace
 
 
+def _running_starts(events: list[dict[str, Any]]) -> dict[Any, list[float]]:
+  """(pid, tid) -> the sorted start times of the oneDNN calls' RUNNING_EVENTs on that thread."""
+  starts: dict[Any, list[float]] = collections.defaultdict(list)
+  for event in events:
+    if event.get("ph") == "X" and event.get("name") == RUNNING_EVENT:
+      starts[(event.get("pid"), event.get("tid"))].append(float(event.get("ts", 0.0)))
+  return {thread: sorted(times) for thread, times in starts.items()}
+
+
 def in_flight_intervals(events: list[dict[str, Any]], module: str) -> list[tuple[float, float, str]]:
   """(start, end, op) in microseconds for each execution of an instruction of `module`: launch to `end: op`.
 
   An execution without an `end:` event of its own (none in the trace, or fewer than its launches) ends
-  with its launch event.
+  with its launch event. A launch that contains a oneDNN call's RUNNING_EVENT on its thread starts there.
   """
+  running = _running_starts(events)
   launches: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
   completions: dict[str, list[float]] = collections.defaultdict(list)
   for event in events:
@@ -97,7 +112,12 @@ def in_flight_intervals(events: list[dict[str, Any]], module: str) -> list[tuple
       continue
     args, start = event.get("args") or {}, float(event.get("ts", 0.0))
     if module in str(args.get("hlo_module", "")) and args.get("hlo_op"):
-      launches[args["hlo_op"]].append((start, start + float(event.get("dur", 0.0))))
+      end = start + float(event.get("dur", 0.0))
+      starts = running.get((event.get("pid"), event.get("tid")), [])
+      first = bisect.bisect_left(starts, start)
+      if first < len(starts) and starts[first] <= end:
+        start = starts[first]
+      launches[args["hlo_op"]].append((start, end))
     elif str(event.get("name", "")).startswith(_COMPLETION):
       completions[event["name"].removeprefix(_COMPLETION)].append(start + float(event.get("dur", 0.0)))
   intervals = []

@@ -1,6 +1,6 @@
 """step_profile: a profiler trace of the real train step, summed per XLA op and named by the model code."""
 
-from flax_detector import config_validation, step_profile, throughput, train
+from flax_detector import config_validation, onednn, step_profile, throughput, train
 
 _HLO = """
 %fused_computation.1 (param_0: f32[4]) -> f32[4] {
@@ -35,8 +35,9 @@ def test_model_part_tells_direction_and_layer():
   assert step_profile.model_part("jit(train_step)/mul") == "loss, optimizer and the rest"
 
 
-def _launch(op, start, duration, module="jit_train_step"):
-  return {"ph": "X", "ts": start, "dur": duration, "name": op, "args": {"hlo_module": module, "hlo_op": op}}
+def _launch(op, start, duration, module="jit_train_step", thread=1):
+  args = {"hlo_module": module, "hlo_op": op}
+  return {"ph": "X", "ts": start, "dur": duration, "name": op, "pid": 7, "tid": thread, "args": args}
 
 
 def _completion(op, at):
@@ -54,6 +55,23 @@ def test_an_op_is_in_flight_from_its_launch_to_its_end_event():
   ]
   intervals = sorted(step_profile.in_flight_intervals(events, "train_step"))
   assert intervals == [(0.0, 8.0, "conv.1"), (1.0, 3.0, "add.2"), (9.0, 10.0, "mul.3")]
+
+
+def _running(start, duration, thread):
+  return {"ph": "X", "ts": start, "dur": duration, "name": onednn.RUNNING_EVENT, "pid": 7, "tid": thread}
+
+
+def test_a_onednn_call_waiting_for_the_lock_is_in_flight_only_once_it_runs():
+  events = [
+    _launch("ffi_call.1", 0.0, 5.0, thread=1),  # holds the lock from the start
+    _running(0.1, 4.8, thread=1),
+    _launch("ffi_call.2", 0.5, 6.5, thread=2),  # waits for ffi_call.1, then runs 5-7
+    _running(5.0, 2.0, thread=2),
+    _launch("add.3", 5.5, 1.0, thread=1),  # no oneDNN call on its thread inside it
+    _running(9.0, 1.0, thread=2),  # another call, after ffi_call.2's launch event
+  ]
+  intervals = sorted(step_profile.in_flight_intervals(events, "train_step"))
+  assert intervals == [(0.1, 5.0, "ffi_call.1"), (5.0, 7.0, "ffi_call.2"), (5.5, 6.5, "add.3")]
 
 
 def test_time_is_split_evenly_among_the_ops_in_flight():
