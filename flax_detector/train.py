@@ -335,6 +335,28 @@ def _with_crop_size(config: ml_collections.ConfigDict, splits: input_pipeline.Sp
   return resolved
 
 
+def state_initializer(
+  config: ml_collections.ConfigDict, steps_per_epoch: float, total_steps: int
+) -> tuple[optax.Schedule, Callable[[], TrainState]]:
+  """The learning-rate schedule and the function that creates the initial TrainState of `config`'s model."""
+  learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch, total_steps)
+  model = create_model(config.model, len(config.data.class_names), frozen_features=config.freeze == "features")
+  optimizer = create_optimizer(config, learning_rate_fn)
+  return learning_rate_fn, functools.partial(create_train_state, config, model, optimizer)
+
+
+def jit_train_step(
+  class_weights: np.ndarray, state_shardings: Any, mesh: jax.sharding.Mesh
+) -> Callable[..., tuple[TrainState, metrics.TrainMetrics]]:
+  """train_step jitted over `mesh`: the batch split over its data axis, metrics replicated, the state donated."""
+  return jax.jit(
+    functools.partial(train_step, class_weights=class_weights),
+    in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+    out_shardings=(state_shardings, sharding.replicated(mesh)),
+    donate_argnums=0,
+  )
+
+
 def build_experiment(config: ml_collections.ConfigDict, workdir: epath.Path | None = None) -> Experiment:
   """Everything before the first step, from a config that config_validation.validate returned."""
   mesh = sharding.create_mesh()
@@ -357,9 +379,7 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: epath.Path | No
     )
   steps_per_epoch = total_steps / epochs
   last_step = min(total_steps, config.num_train_steps) if config.num_train_steps > 0 else total_steps
-  learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch, total_steps)
-  model = create_model(config.model, len(config.data.class_names), frozen_features=config.freeze == "features")
-  init_state = functools.partial(create_train_state, config, model, create_optimizer(config, learning_rate_fn))
+  learning_rate_fn, init_state = state_initializer(config, steps_per_epoch, total_steps)
   abstract_state = jax.eval_shape(init_state)
   state_shardings = sharding.state_shardings(abstract_state, mesh, config.sharding)
   memory_guard.check_train_step(
@@ -382,12 +402,7 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: epath.Path | No
     init_state=init_state,
     abstract_state=abstract_state,
     state_shardings=state_shardings,
-    train_step=jax.jit(
-      functools.partial(train_step, class_weights=class_weights),
-      in_shardings=(state_shardings, batch_sharding),
-      out_shardings=(state_shardings, replicated),
-      donate_argnums=0,
-    ),
+    train_step=jit_train_step(class_weights, state_shardings, mesh),
     eval_step=EvalStep(
       logits=jax.jit(eval_logits, in_shardings=(state_shardings, batch_sharding), out_shardings=batch_sharding),
       metrics=jax.jit(
