@@ -35,15 +35,18 @@ def scaled_width(width: int, multiplier: float) -> int:
 
 
 def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
-  """nn.max_pool(x, (2, 2), strides=(2, 2)) on NHWC; on CPU computed as a max over a reshape.
+  """nn.max_pool(x, (2, 2), strides=(2, 2)) on NHWC; on CPU and GPU computed as a max over a reshape.
 
-  XLA's CPU backend expands the gradient of a pooling window (select-and-scatter) into index iotas of the
-  whole activation, a variadic reduce-window and a scatter: about a third of the cpu preset's train step.
-  The reshape's max, with the gradient of `_window_max` below, is elementwise both ways. Forward and
-  gradient are nn.max_pool's for finite inputs, ties included (tests/test_models.py). Other backends keep
-  nn.max_pool.
+  XLA's CPU and CUDA backends expand nn.max_pool's gradient (a select-and-scatter) into a variadic
+  reduce-window, which saves four int32 index arrays of the pooled shape, and a scatter-add into a zeroed
+  copy of the input: on CPU about a third of the cpu preset's train step; in the CUDA compile of VGG16-BN
+  at 224 px, bf16, batch 128, about 25 GB of the step's 80 GB of memory traffic (benchmarks/RESULTS.md,
+  session 18). The reshape's max, with the gradient of `_window_max` below, is elementwise both ways and
+  saves one int8 position code per window. Forward and gradient are nn.max_pool's for finite inputs, ties
+  included (tests/test_models.py). TPUs keep nn.max_pool: XLA:TPU runs select-and-scatter as one op, and
+  its cost analysis puts the reshape's max at 9% more bytes for the whole step.
   """
-  if jax.default_backend() != "cpu":
+  if jax.default_backend() == "tpu":
     return nn.max_pool(x, (2, 2), strides=(2, 2))
   height, width = x.shape[1:3]
   return _window_max(x[:, : height // 2 * 2, : width // 2 * 2])  # VALID pooling drops an odd last row or column

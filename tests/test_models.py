@@ -91,8 +91,8 @@ def test_view_averaged_log_probs_average_each_images_views():
 
 @pytest.mark.parametrize("side", [8, 9])
 @pytest.mark.parametrize("values", ["continuous", "with ties"])
-def test_cpu_max_pool_matches_flax_max_pool_and_its_gradient(side, values):
-  """models.max_pool_2x2 (a reshape's max on CPU, with its own gradient) equals nn.max_pool and its gradient
+def test_max_pool_matches_flax_max_pool_and_its_gradient(side, values):
+  """models.max_pool_2x2 (a reshape's max on CPU and GPU, with its own gradient) equals nn.max_pool and its gradient
   exactly: each window's gradient goes to its first maximum, also where a window holds several (after a
   ReLU, zeros; below, values rounded to halves as well)."""
   x = jax.random.normal(jax.random.PRNGKey(0), (2, side, side, 3))
@@ -109,6 +109,21 @@ def test_cpu_max_pool_matches_flax_max_pool_and_its_gradient(side, values):
     axis=(2, 4)
   )
   assert (ties > 1).any()  # the case where sharing the gradient among maxima would differ
+
+
+@pytest.mark.parametrize("backend, lowered_for, reduce_window", [("gpu", "cuda", False), ("tpu", "tpu", True)])
+def test_max_pool_gradient_per_backend(monkeypatch, backend, lowered_for, reduce_window):
+  """Traced as a process on that backend traces it and lowered for it (no device needed): on GPU the pool and
+  its gradient are elementwise (XLA:GPU expands nn.max_pool's select-and-scatter into int32 index arrays and a
+  scatter); TPUs keep nn.max_pool's reduce-window and select-and-scatter, which XLA:TPU runs as one op each."""
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  pool_gradient = jax.jit(jax.value_and_grad(lambda x: max_pool_2x2(x).astype(jnp.float32).sum()))
+  lowered = pool_gradient.trace(jax.ShapeDtypeStruct((2, 8, 8, 4), jnp.bfloat16)).lower(
+    lowering_platforms=(lowered_for,)
+  )
+  program = lowered.as_text()
+  assert ("reduce_window" in program) == reduce_window
+  assert ("select_and_scatter" in program) == reduce_window
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 5e-2)])
