@@ -138,21 +138,18 @@ def batch_normalized_conv_relu(conv: nn.Conv, norm: nn.BatchNorm, x: jnp.ndarray
   backward, and the bias gets the exact gradient, 0. The only place the bias shows is the running mean, the
   mean of conv(x) + bias: it is added to the batch mean's share of the update here, so the running
   statistics, and evaluation's folded convolutions, are those of the model as written (tests/test_models.py).
-  Where oneDNN computes the model, it also computes the BatchNorm and the ReLU (flax_detector.normalization).
+  The BatchNorm and the ReLU are one function with a written-out backward pass (flax_detector.normalization:
+  oneDNN's primitives where oneDNN computes the model, XLA otherwise), named as `norm` in profiles and HLO.
   `conv` and `norm` keep their parameters, so checkpoints and torchvision weights do not change.
   """
   kernel, bias = conv.variables["params"]["kernel"], conv.variables["params"]["bias"]
   unbiased = conv.clone(parent=None, use_bias=False).apply({"params": {"kernel": kernel}}, x)
   scale, shift = norm.variables["params"]["scale"], norm.variables["params"]["bias"]
-  fused = normalization.batch_norm_relu(library, unbiased, scale, shift, norm.epsilon)
-  if fused is None:
-    activations = nn.relu(norm(unbiased))  # Flax updates the running statistics from the unbiased batch
-    running_mean = norm.get_variable("batch_stats", "mean")
-  else:
-    activations, mean, variance = fused
-    running_variance = norm.get_variable("batch_stats", "var")
-    norm.put_variable("batch_stats", "var", norm.momentum * running_variance + (1.0 - norm.momentum) * variance)
-    running_mean = norm.momentum * norm.get_variable("batch_stats", "mean") + (1.0 - norm.momentum) * mean
+  with jax.named_scope(norm.name):
+    activations, mean, variance = normalization.batch_norm_relu(library, unbiased, scale, shift, norm.epsilon)
+  running_variance = norm.get_variable("batch_stats", "var")
+  norm.put_variable("batch_stats", "var", norm.momentum * running_variance + (1.0 - norm.momentum) * variance)
+  running_mean = norm.momentum * norm.get_variable("batch_stats", "mean") + (1.0 - norm.momentum) * mean
   norm.put_variable("batch_stats", "mean", running_mean + (1.0 - norm.momentum) * bias)
   return activations
 

@@ -1,13 +1,24 @@
-"""Training's BatchNorm + ReLU computed by oneDNN on CPU where model.library chooses it (flax_detector.compute_library).
+"""Training's BatchNorm + ReLU on the batch's statistics: oneDNN's primitives on CPU where model.library chooses
+them (flax_detector.compute_library), otherwise one XLA function with a backward pass of two passes over memory.
 
-Why: XLA's CPU fusions of Flax's BatchNorm and the ReLU after it, forward and backward, take 2.5-8x as long as
-oneDNN's batch normalization with the ReLU fused in, on every shape of VGG16 (benchmarks/RESULTS.md), and the
-cpu preset's few channels (8-64 in the minor dimension) leave XLA's reductions mostly unvectorised.
+Why oneDNN: XLA's CPU fusions of Flax's BatchNorm and the ReLU after it, forward and backward, take 2.5-8x as long
+as oneDNN's batch normalization with the ReLU fused in, on every shape of VGG16 (benchmarks/RESULTS.md), and the
+cpu preset's few channels (8-64 in the minor dimension) leave XLA's reductions mostly unvectorised. Two XLA
+custom calls under one custom VJP: the forward pass (activations, scale, shift) -> (outputs, batch mean, batch
+variance, ReLU mask) and the backward pass (the gradients of activations, scale and shift).
 
-Two XLA custom calls under one custom VJP: the forward pass (activations, scale, shift) -> (outputs, batch mean,
-batch variance, ReLU mask) and the backward pass (the gradients of activations, scale and shift). The batch's
-statistics come back for the running averages, under stop_gradient, as Flax's BatchNorm treats them. Evaluation
-folds the running statistics into the convolutions (models.conv_relu_for_evaluation) and does not come here.
+Why the XLA function: autodiff of Flax's BatchNorm and ReLU gives XLA:GPU three passes over each layer's
+activations backward: a reduction that writes the ReLU-masked gradient, a second reduction that reads it back
+for its plain sum, then the input gradient. Here the backward is written out: one reduction of both sums
+(the ReLU mask recomputed from the input, so no masked gradient is written) and one elementwise pass for the
+input gradient. Compiled for an H200 (benchmarks/accelerator_hlo.py), VGG16-BN's step at 224 px, batch 128
+moves 6.7 GB less, of 38 outside its convolutions and matmuls (benchmarks/RESULTS.md, session 18); on this
+CPU's XLA path and in XLA:TPU's cost analysis it is within the noise. The forward pass is Flax's arithmetic,
+operation for operation.
+
+Both return the batch's statistics, under stop_gradient, for the running averages, as Flax's BatchNorm treats
+them. Evaluation folds the running statistics into the convolutions (models.conv_relu_for_evaluation) and does
+not come here.
 """
 
 import functools
@@ -30,18 +41,74 @@ _BACKWARD_TARGET = "flax_detector_onednn_batch_norm_relu_backward"
 
 def batch_norm_relu(
   library: str, x: jax.Array, scale: jax.Array, shift: jax.Array, epsilon: float
-) -> tuple[jax.Array, jax.Array, jax.Array] | None:
-  """(relu(BatchNorm(x)), batch mean, batch variance) of NHWC activations with the batch's own statistics
-  (the variance biased, as Flax's), where model.library computes with oneDNN and it takes these arrays
-  (float32, at most LARGEST_ACTIVATIONS elements); None otherwise, for the caller to compute it with Flax."""
-  if not compute_library.uses_onednn(library):
-    return None
-  if x.ndim != 4 or x.size > LARGEST_ACTIVATIONS or scale.shape != x.shape[-1:] or shift.shape != x.shape[-1:]:
-    return None
-  if any(array.dtype != jnp.float32 for array in (x, scale, shift)):
-    return None
-  outputs, mean, variance = _batch_norm_relu(x, scale, shift, onednn.BatchNormShape(*x.shape, float(epsilon)))
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(relu(BatchNorm(x)), batch mean, batch variance) of NHWC activations with the batch's own statistics (the
+  variance biased, as Flax's; the statistics in float32, the outputs in x's dtype). oneDNN computes it where
+  model.library chooses oneDNN and it takes these arrays (float32, at most LARGEST_ACTIVATIONS elements), XLA
+  otherwise."""
+  if _onednn_takes(library, x, scale, shift):
+    outputs, mean, variance = _batch_norm_relu(x, scale, shift, onednn.BatchNormShape(*x.shape, float(epsilon)))
+  else:
+    outputs, mean, variance = _xla_batch_norm_relu(x, scale, shift, float(epsilon))
   return outputs, jax.lax.stop_gradient(mean), jax.lax.stop_gradient(variance)
+
+
+def _onednn_takes(library: str, x: jax.Array, scale: jax.Array, shift: jax.Array) -> bool:
+  if not compute_library.uses_onednn(library):
+    return False
+  if x.ndim != 4 or x.size > LARGEST_ACTIVATIONS or scale.shape != x.shape[-1:] or shift.shape != x.shape[-1:]:
+    return False
+  return all(array.dtype == jnp.float32 for array in (x, scale, shift))
+
+
+_REDUCED = (0, 1, 2)  # NHWC: every axis but the channels'
+
+
+def _xla_forward(
+  x: jax.Array, scale: jax.Array, shift: jax.Array, epsilon: float
+) -> tuple[tuple[jax.Array, jax.Array, jax.Array], jax.Array]:
+  """Flax's BatchNorm arithmetic (float32 statistics by E[x^2] - E[x]^2, clipped at 0), then the ReLU; also
+  1/sqrt(variance + epsilon) for the backward pass."""
+  wide = x.astype(jnp.float32)
+  mean = wide.mean(_REDUCED)
+  variance = jnp.maximum(0.0, (wide * wide).mean(_REDUCED) - mean * mean)
+  inverse_deviation = jax.lax.rsqrt(variance + epsilon)
+  outputs = jnp.maximum((wide - mean) * (inverse_deviation * scale) + shift, 0.0).astype(x.dtype)
+  return (outputs, mean, variance), inverse_deviation
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _xla_batch_norm_relu(
+  x: jax.Array, scale: jax.Array, shift: jax.Array, epsilon: float
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  return _xla_forward(x, scale, shift, epsilon)[0]
+
+
+def _xla_batch_norm_relu_forward(
+  x: jax.Array, scale: jax.Array, shift: jax.Array, epsilon: float
+) -> tuple[tuple[jax.Array, jax.Array, jax.Array], tuple[jax.Array, ...]]:
+  results, inverse_deviation = _xla_forward(x, scale, shift, epsilon)
+  return results, (x, results[1], inverse_deviation, scale, shift)
+
+
+def _xla_batch_norm_relu_backward(
+  epsilon: float, residuals: tuple[jax.Array, ...], cotangents: tuple[jax.Array, jax.Array, jax.Array]
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """With g the outputs' gradient where the ReLU passed, n values per channel and x^ the normalised input:
+  d shift = sum(g), d scale = sum(g x^), dx = scale / sqrt(variance + epsilon) * (g - (sum(g) + x^ sum(g x^)) / n).
+  Both sums come from one reduction over x and the outputs' gradient, dx from one pass over the same two."""
+  del epsilon  # in the saved 1/sqrt(variance + epsilon)
+  x, mean, inverse_deviation, scale, shift = residuals
+  normalised = (x.astype(jnp.float32) - mean) * inverse_deviation
+  passed = jnp.where(normalised * scale + shift > 0, cotangents[0].astype(jnp.float32), 0.0)
+  shift_gradient, scale_gradient = passed.sum(_REDUCED), (passed * normalised).sum(_REDUCED)
+  count = x.size // x.shape[-1]
+  x_gradient = (inverse_deviation * scale) * (passed - (shift_gradient + normalised * scale_gradient) / count)
+  # The statistics leave batch_norm_relu under stop_gradient: their cotangents are 0 and only the outputs' count.
+  return x_gradient.astype(x.dtype), scale_gradient, shift_gradient
+
+
+_xla_batch_norm_relu.defvjp(_xla_batch_norm_relu_forward, _xla_batch_norm_relu_backward)
 
 
 _primitives_of = onednn_calls.by_geometry(onednn.BatchNormShape.from_attributes, onednn.batch_norm_relu)
