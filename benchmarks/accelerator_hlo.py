@@ -81,6 +81,7 @@ class OpTraffic:
 
 
 def target_devices(name: str) -> Target:
+  """The compile-only devices of --target: a GPU from its GpuTargetConfig file, else a TPU topology for libtpu."""
   spec = GPU_TARGETS / f"{name}.txtpb"
   if not spec.exists() and ":" not in name:
     raise app.UsageError(f"--target={name}: neither {spec} nor a TPU topology such as v5e:2x2")
@@ -174,6 +175,7 @@ def op_traffic(compiled_text: str) -> list[OpTraffic]:
 
 
 def summary_lines(ops: list[OpTraffic], bytes_per_second: float | None, top: int) -> list[str]:
+  """The totals, the passes over memory summed per part of the model, then the `top` passes moving the most."""
   passes = [op for op in ops if not op.computes]
   moved, passes_moved = sum(op.bytes for op in ops), sum(op.bytes for op in passes)
   floor = ""
