@@ -46,6 +46,11 @@ def batch_norm_relu(
   variance biased, as Flax's; the statistics in float32, the outputs in x's dtype). oneDNN computes it where
   model.library chooses oneDNN and it takes these arrays (float32, at most LARGEST_ACTIVATIONS elements), XLA
   otherwise."""
+  if x.ndim != 4 or scale.shape != x.shape[-1:] or shift.shape != x.shape[-1:]:
+    raise ValueError(
+      f"batch_norm_relu takes NHWC activations and one scale and shift per channel; got {x.shape}, "
+      f"{scale.shape}, {shift.shape}"
+    )
   if _onednn_takes(library, x, scale, shift):
     outputs, mean, variance = _batch_norm_relu(x, scale, shift, onednn.BatchNormShape(*x.shape, float(epsilon)))
   else:
@@ -56,7 +61,7 @@ def batch_norm_relu(
 def _onednn_takes(library: str, x: jax.Array, scale: jax.Array, shift: jax.Array) -> bool:
   if not compute_library.uses_onednn(library):
     return False
-  if x.ndim != 4 or x.size > LARGEST_ACTIVATIONS or scale.shape != x.shape[-1:] or shift.shape != x.shape[-1:]:
+  if x.size > LARGEST_ACTIVATIONS:
     return False
   return all(array.dtype == jnp.float32 for array in (x, scale, shift))
 

@@ -27,10 +27,6 @@ def _ours(library):
   return lambda x, scale, shift: normalization.batch_norm_relu(library, x, scale, shift, _EPSILON)
 
 
-def _onednn_batch_norm_relu(x, scale, shift):
-  return _ours("onednn")(x, scale, shift)
-
-
 def _arrays(shape=(4, 9, 7, 5)):
   keys = jax.random.split(jax.random.key(3), 3)
   x = 2.0 * jax.random.normal(keys[0], shape) + 1.0  # statistics far from 0 and 1
@@ -87,7 +83,7 @@ def test_xla_in_bfloat16_matches_flax_within_its_rounding():
 
 def test_results_are_bitwise_repeatable(onednn_allowed):
   x, scale, shift = _arrays((8, 16, 16, 8))
-  step = jax.jit(jax.value_and_grad(lambda *a: jnp.sum(_onednn_batch_norm_relu(*a)[0] ** 2), argnums=(0, 1, 2)))
+  step = jax.jit(jax.value_and_grad(lambda *a: jnp.sum(_ours("onednn")(*a)[0] ** 2), argnums=(0, 1, 2)))
   first, again = step(x, scale, shift), step(x, scale, shift)
   assert all(a.tobytes() == b.tobytes() for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(again), strict=True))
 
@@ -102,6 +98,11 @@ def test_onednn_declines_what_it_cannot_take_and_xla_computes_it(onednn_allowed)
   assert _computed_by_onednn("onednn", x, scale, shift)
   assert not _computed_by_onednn("xla", x, scale, shift)
   assert not _computed_by_onednn("onednn", x.astype(jnp.bfloat16), scale, shift)
+  for library in ("onednn", "xla"):  # neither computes what is not NHWC with one scale and shift per channel
+    with pytest.raises(ValueError, match="NHWC activations and one scale and shift per channel"):
+      _ours(library)(x, scale[:3], shift)
+    with pytest.raises(ValueError, match="NHWC activations"):
+      _ours(library)(x[0], scale, shift)
   side = int((normalization.LARGEST_ACTIVATIONS / 5) ** 0.5) + 1
   large = jnp.zeros((1, side, side, 5))
   assert not _computed_by_onednn("onednn", large, scale, shift)
