@@ -34,6 +34,29 @@ def scaled_width(width: int, multiplier: float) -> int:
   return max(1, int(round(width * multiplier)))
 
 
+@jax.custom_jvp
+def relu(x: jnp.ndarray) -> jnp.ndarray:
+  """max(x, 0), whose derivative is read from its output (where it is nonzero) instead of from x.
+
+  jax.nn.relu's derivative tests x > 0, so the training step keeps x, the convolution's output before the
+  ReLU, for the backward pass. XLA:GPU can then not hand the ReLU to cuDNN (its rewrite needs the
+  convolution's output to have the ReLU as its only user), and every plain VGG16 layer writes x, reads it
+  back and writes relu(x): 3.8 GB of the 37.8 GB per step in the H200 compile at 224 px, bf16, batch 128
+  (benchmarks/RESULTS.md, session 19). Read from the output, the mask needs only what the next layer keeps
+  anyway. It is `!= 0` because XLA's simplifier rewrites max(x, 0) > 0 back into x > 0. For every x but NaN
+  the gradient is jax.nn.relu's exactly (tests/test_models.py); at a NaN, where the loss is NaN anyway, the
+  cotangent passes instead of being zeroed.
+  """
+  return jnp.maximum(x, 0)
+
+
+@relu.defjvp
+def _relu_jvp(primals: tuple[jnp.ndarray], tangents: tuple[jnp.ndarray]) -> tuple[jnp.ndarray, jnp.ndarray]:
+  (x,), (tangent,) = primals, tangents
+  activation = jnp.maximum(x, 0)
+  return activation, jnp.where(activation != 0, tangent, jnp.zeros_like(tangent))
+
+
 def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
   """nn.max_pool(x, (2, 2), strides=(2, 2)) on NHWC; on CPU and GPU computed as a max over a reshape.
 
@@ -124,9 +147,9 @@ def conv_relu_for_evaluation(conv: nn.Conv, norm: nn.BatchNorm | None, x: jnp.nd
     if fused is not None:
       return fused
   if norm is None:
-    return nn.relu(conv(x))
+    return relu(conv(x))
   # The same convolution (padding, layout, dtype) as `conv`, only with the folded parameters.
-  return nn.relu(conv.clone(parent=None).apply({"params": {"kernel": kernel, "bias": bias}}, x))
+  return relu(conv.clone(parent=None).apply({"params": {"kernel": kernel, "bias": bias}}, x))
 
 
 def batch_normalized_conv_relu(conv: nn.Conv, norm: nn.BatchNorm, x: jnp.ndarray, library: str) -> jnp.ndarray:
@@ -200,9 +223,9 @@ class VGG16(nn.Module):
         if not train and not self.is_initializing():
           x = conv_relu_for_evaluation(conv, norm, x, self.library)
         elif norm is None:
-          x = nn.relu(conv(x))
+          x = relu(conv(x))
         elif self.is_initializing() or norm.use_running_average:
-          x = nn.relu(norm(conv(x)))
+          x = relu(norm(conv(x)))
         else:
           x = batch_normalized_conv_relu(conv, norm, x, self.library)
       if index == len(self.stages) - 1:
@@ -214,9 +237,9 @@ class VGG16(nn.Module):
     hidden = scaled_width(CLASSIFIER_WIDTH, self.width_multiplier)
     # torchvision's avgpool, flatten and first Linear in one, named as the nn.Dense it stands for.
     x = PooledDense(hidden, POOLED_SIDE, _dense_init, dtype=self.dtype, dot_general=dot_general, name="Dense_0")(x)
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(nn.relu(x))
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(relu(x))
     x = nn.Dense(hidden, kernel_init=_dense_init, dtype=self.dtype, dot_general=dot_general, name="Dense_1")(x)
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(nn.relu(x))
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(relu(x))
     logits = nn.Dense(
       self.num_classes, kernel_init=_dense_init, dtype=self.dtype, dot_general=dot_general, name="Dense_2"
     )(x)

@@ -12,6 +12,7 @@ from flax_detector.models import (
   VGG16,
   init_variables,
   max_pool_2x2,
+  relu,
   view_averaged_log_probs,
 )
 from flax_detector.pooled_dense import adaptive_avg_pool
@@ -124,6 +125,34 @@ def test_max_pool_gradient_per_backend(monkeypatch, backend, lowered_for, reduce
   program = lowered.as_text()
   assert ("reduce_window" in program) == reduce_window
   assert ("select_and_scatter" in program) == reduce_window
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_relu_and_its_gradient_are_jax_relus(dtype):
+  """models.relu reads its derivative from its output: the same values and gradients as jax.nn.relu, bitwise,
+  at zeros of either sign, infinities and the smallest subnormals too."""
+  tiny = jnp.finfo(dtype).smallest_subnormal
+  x = jnp.concatenate(
+    [jax.random.normal(jax.random.PRNGKey(0), (64,)), jnp.array([0.0, -0.0, jnp.inf, -jnp.inf])]
+  ).astype(dtype)
+  x = jnp.concatenate([x, jnp.array([tiny, -tiny], dtype)])
+  cotangent = jax.random.normal(jax.random.PRNGKey(1), x.shape).astype(dtype)
+  ours, our_gradient = jax.vjp(relu, x)
+  theirs, their_gradient = jax.vjp(jax.nn.relu, x)
+  np.testing.assert_array_equal(ours, theirs)
+  np.testing.assert_array_equal(our_gradient(cotangent)[0], their_gradient(cotangent)[0])
+
+
+def test_relu_gradient_masks_with_its_output_not_its_input():
+  """The backward pass tests relu(x) != 0, not x > 0, so XLA:GPU can fuse the ReLU into the convolution before it
+  (the convolution's output then has one user). A `>` on max(x, 0) would be simplified back into x > 0."""
+
+  def loss(x):
+    return relu(x).astype(jnp.float32).sum()
+
+  program = jax.jit(jax.grad(loss)).trace(jax.ShapeDtypeStruct((4, 8), jnp.bfloat16)).lower().as_text()
+  comparisons = [line for line in program.splitlines() if "stablehlo.compare" in line]
+  assert comparisons and all("NE" in line for line in comparisons)
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 5e-2)])
