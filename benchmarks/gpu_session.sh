@@ -12,6 +12,8 @@
 #   2. plain VGG16, same, against PyTorch;
 #   2b. VGG16-BN's step again with nn.max_pool's own gradient instead of models.max_pool_2x2 (the GPU path
 #      before session 18), so the card measures what the compiled HLO predicts for the pool;
+#   2c. plain VGG16's step again with jax.nn.relu instead of models.relu (the GPU path before session 19,
+#      where cuDNN did not apply the ReLU), the same way;
 #   3. the input pipeline on a folder of 512-px JPEGs written on the machine, workers chosen by the host;
 #   4. the real loop end to end on that folder, at the public set's cadence (validation and a checkpoint
 #      every 155 steps: 22k images less the validation tenth, at batch 128), as a fraction of the step.
@@ -71,6 +73,13 @@ from flax_detector import benchmark, config_overrides, models
 models.max_pool_2x2 = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))
 app.run(benchmark.main, flags_parser=config_overrides.parse_flags)
 ' --config="$config" --parts=step "${sizes[@]}"
+part step_plain_jax_relu 90 python3 -c '
+import jax
+from absl import app
+from flax_detector import benchmark, config_overrides, models
+models.relu = jax.nn.relu
+app.run(benchmark.main, flags_parser=config_overrides.parse_flags)
+' --config="$config" --config.model.batch_norm=False --parts=step "${sizes[@]}"
 part jpeg_folder 90 python3 -m benchmarks.jpeg_input folder /tmp/jpeg512 --per_class="$per_class"
 part input 60 python3 -m flax_detector.benchmark --config="$config" --config.data.dir=/tmp/jpeg512 \
   --config.data.worker_count=-1 --parts=input "${sizes[@]}"
