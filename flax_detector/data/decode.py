@@ -87,9 +87,14 @@ def decode_image(data: bytes, name: str, shorter_side: int | None = None) -> np.
 def read_bytes(path: str) -> bytes:
   """The file's encoded bytes (local path or any etils.epath URL such as gs://).
 
+  A local path is read with open(): epath's wrapper costs about 0.06 ms a file, 3% of a training image's
+  decode and augmentation (benchmarks/RESULTS.md, session 19).
   Raises UnreadableImageError naming the file when it cannot be read (gone, no permission, network).
   """
   try:
+    if "://" not in path:
+      with open(path, "rb") as file:
+        return file.read()
     return epath.Path(path).read_bytes()
   except OSError as error:
     raise UnreadableImageError(f"{path}: cannot be read ({error})") from error
