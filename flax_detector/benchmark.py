@@ -123,7 +123,9 @@ def _measure(config: ml_collections.ConfigDict) -> dict[str, Any]:
   if "e2e" in FLAGS.parts:
     results.update(throughput.measure_end_to_end(config, FLAGS.e2e_steps))
     if "train_images_per_second" in results:
-      results["e2e_fraction_of_step"] = results["e2e_images_per_second"] / results["train_images_per_second"]
+      step_rate = results["train_images_per_second"]
+      results["e2e_fraction_of_step"] = results["e2e_images_per_second"] / step_rate
+      results["e2e_fraction_of_step_between_pauses"] = results["e2e_images_per_second_between_pauses"] / step_rate
   if "eval" in FLAGS.parts:
     results.update(throughput.measure_eval_step(experiment, FLAGS.steps, FLAGS.warmup, FLAGS.rounds))
   if "input" in FLAGS.parts:
@@ -143,6 +145,7 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
   for key, label in (
     ("train_images_per_second", "train step alone"),
     ("e2e_images_per_second", "end to end"),
+    ("e2e_images_per_second_between_pauses", "end to end, less pauses"),
     ("torch_eager_images_per_second", "PyTorch eager"),
     ("torch_compile_images_per_second", "PyTorch torch.compile"),
     ("eval_images_per_second", "eval step alone"),
@@ -153,11 +156,18 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
   for key, label in (
     ("train_mfu", "MFU of the train step"),
     ("e2e_fraction_of_step", "end to end / step alone"),
+    ("e2e_fraction_of_step_between_pauses", "less pauses / step alone"),
     ("jax_over_torch_eager", "JAX / PyTorch eager"),
     ("jax_over_torch_compile", "JAX / torch.compile"),
   ):
     if key in results:
       lines.append(f"{label:>24}: {results[key]:10.3f}")
+  for seconds, count, label in (
+    ("e2e_validation_seconds", "e2e_validation_passes", "validation passes"),
+    ("e2e_checkpoint_seconds", "e2e_checkpoint_saves", "checkpoint saves"),
+  ):
+    if seconds in results:
+      lines.append(f"{label:>24}: {results[seconds]:10.2f} s in {results[count]} (paused the loop)")
   lines += [f"{key:>24}: {results[key]}" for key in ("torch_eager_error", "torch_compile_error") if key in results]
   for key, title in (("profile_parts", "Train step by part of the model:"), ("profile_ops", "Longest operations:")):
     if key in results:

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 from unittest import mock
 
@@ -218,14 +218,52 @@ class _ClockedWriter:
     return getattr(self._writer, name)
 
 
+class _PauseClock:
+  """Wall time of the loop's pauses (one method of a class, patched): each from when the device caught up.
+
+  A validation or a checkpoint save starts by waiting for the train steps already queued on the device;
+  that wait is training, so each pause is timed from jax.block_until_ready(state) to its return.
+  """
+
+  def __init__(self, owner: type, method: str, state_of: Callable[[tuple[Any, ...]], Any]) -> None:
+    self._patch = mock.patch.object(owner, method, self._timed(getattr(owner, method), state_of))
+    self.spans: list[tuple[float, float]] = []
+
+  def _timed(self, method: Callable[..., Any], state_of: Callable[[tuple[Any, ...]], Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def timed(*args: Any, **kwargs: Any) -> Any:
+      jax.block_until_ready(state_of(args))
+      start = time.time()
+      try:
+        return method(*args, **kwargs)
+      finally:
+        self.spans.append((start, time.time()))
+
+    return timed
+
+  def __enter__(self) -> "_PauseClock":
+    self._patch.start()
+    return self
+
+  def __exit__(self, *exc_info: Any) -> None:
+    self._patch.stop()
+
+  def within(self, start: float, end: float) -> tuple[int, float]:
+    """How many pauses fell between start and end, and their seconds."""
+    inside = [(begin, finish) for begin, finish in self.spans if start <= begin and finish <= end]
+    return len(inside), sum(finish - begin for begin, finish in inside)
+
+
 def measure_end_to_end(config: ml_collections.ConfigDict, steps: int) -> dict[str, float]:
   """The real loop, train.train_and_evaluate, for `steps` steps in a fresh workdir.
 
   Its rate is taken between the first and the last logged training loss: after compilation, before the
   final test evaluation, with the input pipeline, metrics, validation and checkpoints in between as
-  they fall at the config's cadence.
+  they fall at the config's cadence. The validations' and checkpoint saves' share of that time is
+  reported too, and the rate without them: what is left is the loop's own cost (input, transfers,
+  metrics) against the step alone.
   """
-  from flax_detector import train  # pylint: disable=g-import-not-at-top  (see main.py: keeps Grain workers light)
+  from flax_detector import checkpoint, train  # pylint: disable=g-import-not-at-top  (see main.py)
 
   if steps < 2 * config.log_every_steps:
     raise ValueError(
@@ -240,19 +278,32 @@ def measure_end_to_end(config: ml_collections.ConfigDict, steps: int) -> dict[st
   def create_clocked_writer(workdir: Any, is_chief: bool) -> Any:
     return _ClockedWriter(create_writer(workdir, is_chief), logged)
 
-  with tempfile.TemporaryDirectory() as workdir, mock.patch.object(train, "_create_writer", create_clocked_writer):
+  with (
+    tempfile.TemporaryDirectory() as workdir,
+    mock.patch.object(train, "_create_writer", create_clocked_writer),
+    _PauseClock(train.Evaluator, "__call__", lambda args: args[1]) as validations,
+    _PauseClock(checkpoint.Checkpointer, "save", lambda args: args[2]) as saves,
+  ):
     start = time.time()
     train.train_and_evaluate(run_config, workdir)
     total_seconds = time.time() - start
   logged.sort()
   (first_step, first_time), (last_step, last_time) = logged[0], logged[-1]
   steps_per_second = (last_step - first_step) / (last_time - first_time)
+  validation_passes, validation_seconds = validations.within(first_time, last_time)
+  checkpoint_saves, checkpoint_seconds = saves.within(first_time, last_time)
+  training_seconds = last_time - first_time - validation_seconds - checkpoint_seconds
   return {
     "e2e_steps_per_second": steps_per_second,
     "e2e_images_per_second": steps_per_second * config.batch_size,
     "e2e_total_seconds": total_seconds,
     "e2e_steps": steps,
     "e2e_after_loop_seconds": total_seconds - (last_time - start),
+    "e2e_validation_passes": validation_passes,
+    "e2e_validation_seconds": validation_seconds,
+    "e2e_checkpoint_saves": checkpoint_saves,
+    "e2e_checkpoint_seconds": checkpoint_seconds,
+    "e2e_images_per_second_between_pauses": (last_step - first_step) * config.batch_size / training_seconds,
   }
 
 

@@ -95,10 +95,15 @@ def test_an_override_of_no_config_field_is_one_line_naming_the_field_meant(comma
 def test_end_to_end_rate_comes_from_the_real_loop(make_config, monkeypatch):
   # A writer that writes nothing, as on the GPU image without TensorFlow: the rate must not come from files.
   monkeypatch.setattr(train, "_create_writer", lambda workdir, is_chief: metric_writers.MultiWriter([]))
-  config = make_config(num_train_steps=10)
+  config = make_config(num_train_steps=10, log_every_steps=2, eval_every_steps=4, checkpoint_every_steps=4)
   results = throughput.measure_end_to_end(config, steps=10)
   assert results["e2e_steps"] == 10 and results["e2e_images_per_second"] > 0
   assert results["e2e_total_seconds"] > results["e2e_after_loop_seconds"] > 0
+  # Between the first and the last logged loss (steps 2 and 10): validations and saves at steps 4 and 8;
+  # the last step's come after its loss is logged.
+  assert results["e2e_validation_passes"] == 2 and results["e2e_checkpoint_saves"] == 2
+  assert results["e2e_validation_seconds"] > 0 and results["e2e_checkpoint_seconds"] > 0
+  assert results["e2e_images_per_second_between_pauses"] > results["e2e_images_per_second"]
 
 
 def test_end_to_end_needs_two_logged_losses(make_config):
