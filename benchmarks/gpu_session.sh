@@ -10,13 +10,13 @@
 #   1. VGG16-BN train step, 224 px, bf16, batch 128, against PyTorch eager and torch.compile, with
 #      the step's profile (per op and per part of the model) and the optimised HLO of the step;
 #   2. plain VGG16, same, against PyTorch;
-#   2b. VGG16-BN's step again with nn.max_pool's own gradient instead of models.max_pool_2x2 (the GPU path
-#      before session 18), so the card measures what the compiled HLO predicts for the pool;
-#   2c. plain VGG16's step again with jax.nn.relu instead of models.relu (the GPU path before session 19,
-#      where cuDNN did not apply the ReLU), the same way;
 #   3. the input pipeline on a folder of 512-px JPEGs written on the machine, workers chosen by the host;
 #   4. the real loop end to end on that folder, at the public set's cadence (validation and a checkpoint
-#      every 155 steps: 22k images less the validation tenth, at batch 128), as a fraction of the step.
+#      every 155 steps: 22k images less the validation tenth, at batch 128), as a fraction of the step,
+#      with the seconds validation and checkpoint saves held it up;
+#   5. VGG16-BN's step again with nn.max_pool's own gradient instead of models.max_pool_2x2 (the GPU path
+#      before session 18), and plain VGG16's with jax.nn.relu instead of models.relu (before session 19,
+#      when cuDNN did not apply the ReLU), so the card measures what the compiled HLO predicts.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 OUT=${OUT:?"set OUT to the folder the figures go to (the device machine sets it)"}
@@ -66,25 +66,26 @@ XLA_FLAGS="--xla_dump_to=$OUT/hlo --xla_dump_hlo_module_re=.*train_step.*" \
   "${sizes[@]}"
 part step_plain 120 python3 -m flax_detector.benchmark --config="$config" --config.model.batch_norm=False \
   --parts=step --compare_torch "${sizes[@]}"
-part step_bn_flax_pool 90 python3 -c '
-import flax.linen as nn
-from absl import app
-from flax_detector import benchmark, config_overrides, models
-models.max_pool_2x2 = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))
-app.run(benchmark.main, flags_parser=config_overrides.parse_flags)
-' --config="$config" --parts=step "${sizes[@]}"
-part step_plain_jax_relu 90 python3 -c '
-import jax
-from absl import app
-from flax_detector import benchmark, config_overrides, models
-models.relu = jax.nn.relu
-app.run(benchmark.main, flags_parser=config_overrides.parse_flags)
-' --config="$config" --config.model.batch_norm=False --parts=step "${sizes[@]}"
 part jpeg_folder 90 python3 -m benchmarks.jpeg_input folder /tmp/jpeg512 --per_class="$per_class"
 part input 60 python3 -m flax_detector.benchmark --config="$config" --config.data.dir=/tmp/jpeg512 \
   --config.data.worker_count=-1 --parts=input "${sizes[@]}"
 part e2e 120 python3 -m flax_detector.benchmark --config="$config" --config.data.dir=/tmp/jpeg512 \
   --config.data.worker_count=-1 --parts=step,e2e "${sizes[@]}" "${e2e[@]}"
+# The step with one attribute of flax_detector.models replaced by the code it replaced (part 5).
+step_with() {  # step_with NAME SECONDS PYTHON-ASSIGNMENT [BENCHMARK ARGS...]
+  local name=$1 seconds=$2 assignment=$3
+  shift 3
+  part "$name" "$seconds" python3 -c "
+import flax.linen as nn
+import jax
+from absl import app
+from flax_detector import benchmark, config_overrides, models
+$assignment
+app.run(benchmark.main, flags_parser=config_overrides.parse_flags)
+" --config="$config" --parts=step "${sizes[@]}" "$@"
+}
+step_with step_bn_flax_pool 90 'models.max_pool_2x2 = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))'
+step_with step_plain_jax_relu 90 'models.relu = jax.nn.relu' --config.model.batch_norm=False
 # Only the optimised HLO text of the step travels back; the dump's other files are large and not needed.
 find "$OUT/hlo" -type f ! -name '*after_optimizations.txt' -delete 2>/dev/null
 ls -la "$OUT"
