@@ -13,6 +13,7 @@ trainer's own step, not a copy. flax_detector.benchmark is the command line over
 import contextlib
 import dataclasses
 import functools
+import inspect
 import json
 import pathlib
 import subprocess
@@ -222,17 +223,20 @@ class _PauseClock:
   """Wall time of the loop's pauses (one method of a class, patched): each from when the device caught up.
 
   A validation or a checkpoint save starts by waiting for the train steps already queued on the device;
-  that wait is training, so each pause is timed from jax.block_until_ready(state) to its return.
+  that wait is training, so each pause is timed from jax.block_until_ready of the method's `state`
+  argument to its return.
   """
 
-  def __init__(self, owner: type, method: str, state_of: Callable[[tuple[Any, ...]], Any]) -> None:
-    self._patch = mock.patch.object(owner, method, self._timed(getattr(owner, method), state_of))
+  def __init__(self, owner: type, method: str) -> None:
+    self._patch = mock.patch.object(owner, method, self._timed(getattr(owner, method)))
     self.spans: list[tuple[float, float]] = []
 
-  def _timed(self, method: Callable[..., Any], state_of: Callable[[tuple[Any, ...]], Any]) -> Callable[..., Any]:
+  def _timed(self, method: Callable[..., Any]) -> Callable[..., Any]:
+    signature = inspect.signature(method)
+
     @functools.wraps(method)
     def timed(*args: Any, **kwargs: Any) -> Any:
-      jax.block_until_ready(state_of(args))
+      jax.block_until_ready(signature.bind(*args, **kwargs).arguments["state"])
       start = time.time()
       try:
         return method(*args, **kwargs)
@@ -281,8 +285,8 @@ def measure_end_to_end(config: ml_collections.ConfigDict, steps: int) -> dict[st
   with (
     tempfile.TemporaryDirectory() as workdir,
     mock.patch.object(train, "_create_writer", create_clocked_writer),
-    _PauseClock(train.Evaluator, "__call__", lambda args: args[1]) as validations,
-    _PauseClock(checkpoint.Checkpointer, "save", lambda args: args[2]) as saves,
+    _PauseClock(train.Evaluator, "__call__") as validations,
+    _PauseClock(checkpoint.Checkpointer, "save") as saves,
   ):
     start = time.time()
     train.train_and_evaluate(run_config, workdir)
