@@ -14,6 +14,7 @@
 #   4. the real loop end to end on that folder, at the public set's cadence (validation and a checkpoint
 #      every 155 steps: 22k images less the validation tenth, at batch 128), as a fraction of the step,
 #      with the seconds validation and checkpoint saves held it up;
+#   4b. the input pipeline again with the opt-in cache of decoded images (data.cache_decoded=True);
 #   5. VGG16-BN's step again with nn.max_pool's own gradient instead of models.max_pool_2x2 (the GPU path
 #      before session 18), and plain VGG16's with jax.nn.relu instead of models.relu (before session 19,
 #      when cuDNN did not apply the ReLU), so the card measures what the compiled HLO predicts.
@@ -71,6 +72,8 @@ part input 60 python3 -m flax_detector.benchmark --config="$config" --config.dat
   --config.data.worker_count=-1 --parts=input "${sizes[@]}"
 part e2e 120 python3 -m flax_detector.benchmark --config="$config" --config.data.dir=/tmp/jpeg512 \
   --config.data.worker_count=-1 --parts=step,e2e "${sizes[@]}" "${e2e[@]}"
+part input_cached 90 python3 -m flax_detector.benchmark --config="$config" --config.data.dir=/tmp/jpeg512 \
+  --config.data.worker_count=-1 --config.data.cache_decoded=True --parts=input "${sizes[@]}"
 # The step with one attribute of flax_detector.models replaced by the code it replaced (part 5).
 step_with() {  # step_with NAME SECONDS PYTHON-ASSIGNMENT [BENCHMARK ARGS...]
   local name=$1 seconds=$2 assignment=$3
