@@ -129,7 +129,7 @@ def _measure(config: ml_collections.ConfigDict) -> dict[str, Any]:
   if "eval" in FLAGS.parts:
     results.update(throughput.measure_eval_step(experiment, FLAGS.steps, FLAGS.warmup, FLAGS.rounds))
   if "input" in FLAGS.parts:
-    results.update(throughput.measure_input(config, FLAGS.steps, FLAGS.warmup))
+    results.update(throughput.measure_input(experiment, FLAGS.steps, FLAGS.warmup))
   return results
 
 

@@ -9,7 +9,7 @@ import jax
 import pytest
 from clu import metric_writers
 
-from flax_detector import models, throughput, train
+from flax_detector import input_pipeline, models, throughput, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # The tiny config of conftest.tiny_config, as command-line overrides of the cpu preset.
@@ -104,6 +104,14 @@ def test_end_to_end_rate_comes_from_the_real_loop(make_config, monkeypatch):
   assert results["e2e_validation_passes"] == 2 and results["e2e_checkpoint_saves"] == 2
   assert results["e2e_validation_seconds"] > 0 and results["e2e_checkpoint_seconds"] > 0
   assert results["e2e_images_per_second_between_pauses"] > results["e2e_images_per_second"]
+
+
+def test_input_rate_reads_the_experiments_own_split(make_config, monkeypatch):
+  """The input part times the experiment's training split; it does not index (or decode) the data again."""
+  experiment = train.build_experiment(make_config(data__worker_count=0))
+  monkeypatch.setattr(input_pipeline, "load_splits", lambda *args, **kwargs: pytest.fail("splits loaded again"))
+  results = throughput.measure_input(experiment, steps=2, warmup=1)
+  assert results["input_images_per_second"] > 0 and results["input_worker_count"] == 0
 
 
 def test_end_to_end_needs_two_logged_losses(make_config):
