@@ -65,6 +65,9 @@ cat "$OUT/machine.txt"
 XLA_FLAGS="--xla_dump_to=$OUT/hlo --xla_dump_hlo_module_re=.*train_step.*" \
   part step_bn 200 python3 -m flax_detector.benchmark --config="$config" --parts=step,profile --compare_torch \
   "${sizes[@]}"
+# Only the optimised HLO text of the step travels back; the dump's other files are large and not needed.
+# Trimmed now, so a run cut short by its time limit still sends back what it measured.
+find "$OUT/hlo" -type f ! -name '*after_optimizations.txt' -delete 2>/dev/null
 part step_plain 120 python3 -m flax_detector.benchmark --config="$config" --config.model.batch_norm=False \
   --parts=step --compare_torch "${sizes[@]}"
 part jpeg_folder 90 python3 -m benchmarks.jpeg_input folder /tmp/jpeg512 --per_class="$per_class"
@@ -89,6 +92,4 @@ app.run(benchmark.main, flags_parser=config_overrides.parse_flags)
 }
 step_with step_bn_flax_pool 90 'models.max_pool_2x2 = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))'
 step_with step_plain_jax_relu 90 'models.relu = jax.nn.relu' --config.model.batch_norm=False
-# Only the optimised HLO text of the step travels back; the dump's other files are large and not needed.
-find "$OUT/hlo" -type f ! -name '*after_optimizations.txt' -delete 2>/dev/null
 ls -la "$OUT"
