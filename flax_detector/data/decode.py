@@ -15,7 +15,7 @@ from absl import logging
 from etils import epath
 from PIL import Image, ImageOps
 
-from flax_detector import preprocess
+from flax_detector import preprocess, workdir
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"})
 _Read = TypeVar("_Read")
@@ -92,10 +92,10 @@ def read_bytes(path: str) -> bytes:
   Raises UnreadableImageError naming the file when it cannot be read (gone, no permission, network).
   """
   try:
-    if "://" not in path:
-      with open(path, "rb") as file:
-        return file.read()
-    return epath.Path(path).read_bytes()
+    if workdir.is_url(path):
+      return epath.Path(path).read_bytes()
+    with open(path, "rb") as file:
+      return file.read()
   except OSError as error:
     raise UnreadableImageError(f"{path}: cannot be read ({error})") from error
 
