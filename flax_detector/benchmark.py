@@ -79,7 +79,9 @@ def _step_with_torch(experiment: Any, timer: throughput.TrainStepTimer) -> dict[
         "torch_images_per_second", 0
       ):
         torch_eager = result
-  results = timer.summary(best_jax, FLAGS.steps, throughput.peak_flops(experiment.config.model.dtype))
+  dtype = experiment.config.model.dtype
+  results = timer.summary(best_jax, FLAGS.steps, throughput.peak_flops(dtype))
+  results.update(throughput.against_measured_peak(results, dtype))
   if FLAGS.compare_torch:
     results.update(_torch_side("eager", torch_eager, results["train_images_per_second"]))
     if FLAGS.torch_compile:
@@ -155,6 +157,7 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
       lines.append(f"{label:>24}: {results[key]:10.1f} images/s")
   for key, label in (
     ("train_mfu", "MFU of the train step"),
+    ("train_mfu_of_measured_peak", "MFU of the measured peak"),
     ("e2e_fraction_of_step", "end to end / step alone"),
     ("e2e_fraction_of_step_between_pauses", "less pauses / step alone"),
     ("jax_over_torch_eager", "JAX / PyTorch eager"),

@@ -114,6 +114,18 @@ def test_input_rate_reads_the_experiments_own_split(make_config, monkeypatch):
   assert results["input_images_per_second"] > 0 and results["input_worker_count"] == 0
 
 
+def test_mfu_against_a_published_peak_is_also_given_against_the_measured_one(monkeypatch):
+  monkeypatch.setattr(throughput, "measured_peak_flops", lambda dtype: 500e12)
+  published = {"peak_source": "published bf16 peak of NVIDIA H200", "peak_tflops_per_device": 1000.0, "train_mfu": 0.3}
+  assert throughput.against_measured_peak(published, "bfloat16") == {
+    "measured_peak_tflops_per_device": 500.0,
+    "train_mfu_of_measured_peak": pytest.approx(0.6),
+  }
+  assert (
+    throughput.against_measured_peak({**published, "peak_source": "measured float32 matmul on cpu"}, "float32") == {}
+  )
+
+
 def test_end_to_end_needs_two_logged_losses(make_config):
   with pytest.raises(ValueError, match="log_every_steps"):
     throughput.measure_end_to_end(make_config(log_every_steps=100), steps=3)
