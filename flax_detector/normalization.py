@@ -104,8 +104,10 @@ def _xla_batch_norm_relu_backward(
   Both sums come from one reduction over x and the outputs' gradient, dx from one pass over the same two."""
   del epsilon  # in the saved 1/sqrt(variance + epsilon)
   x, mean, inverse_deviation, scale, shift = residuals
-  normalised = (x.astype(jnp.float32) - mean) * inverse_deviation
-  passed = jnp.where(normalised * scale + shift > 0, cotangents[0].astype(jnp.float32), 0.0)
+  centred = x.astype(jnp.float32) - mean
+  normalised = centred * inverse_deviation
+  # The ReLU's mask from the forward pass's own expression, so it passes exactly what the forward passed.
+  passed = jnp.where(centred * (inverse_deviation * scale) + shift > 0, cotangents[0].astype(jnp.float32), 0.0)
   shift_gradient, scale_gradient = passed.sum(_REDUCED), (passed * normalised).sum(_REDUCED)
   count = x.size // x.shape[-1]
   x_gradient = (inverse_deviation * scale) * (passed - (shift_gradient + normalised * scale_gradient) / count)
